@@ -1,0 +1,32 @@
+# Two commands for a fresh machine: `make demo` and `make test`. Each creates .venv if needed.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+
+.PHONY: demo test replicate venv clean
+
+$(VENV)/.installed-base: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e .
+	touch $@
+
+$(VENV)/.installed-all: $(VENV)/.installed-base
+	$(PIP) install -q -e '.[hf,dev]'
+	touch $@
+
+venv: $(VENV)/.installed-all
+
+demo: $(VENV)/.installed-all
+	$(PY) -m mlm_vs_clm.demo --workdir=demo_runs
+
+replicate: $(VENV)/.installed-all
+	$(PY) -m mlm_vs_clm.replicate --workdir=replication
+
+test: $(VENV)/.installed-all
+	$(PY) -m pytest -n 2 -q tests
+
+clean:
+	rm -rf $(VENV) demo_runs

@@ -1,0 +1,155 @@
+"""The pure train and eval steps: `train_step(state, batch) -> (state, metrics)`.
+
+One jitted function per objective (CLM, MLM-r): the schedule picks which one runs, so a
+switch costs no recompilation after the first step of each objective. MLM masks are drawn
+inside the step from fold_in(seed, step), so a resumed run draws the same masks.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from mlm_vs_clm import objectives, sharding
+from mlm_vs_clm.schedules import Objective
+from mlm_vs_clm.train_state import Setup, TrainState
+
+MASK_STREAM = 1  # fold_in constant that separates MLM mask draws from other randomness
+
+
+def mask_rng(seed: int, step):
+    return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), MASK_STREAM), step)
+
+
+def _loss_sums(setup: Setup, objective: Objective, params, batch, rng) -> objectives.LossSums:
+    model = setup.model
+
+    def encode(tokens, seg, pos, mask_mode):
+        return model.apply({"params": params}, tokens, seg, pos, mask_mode, method=model.encode)
+
+    def head(h):
+        return model.apply({"params": params}, h, method=model.head)
+
+    return objectives.objective_loss(objective, encode, head, batch, rng, setup.config)
+
+
+def _all_finite(tree) -> jnp.ndarray:
+    leaves = jax.tree.leaves(tree)
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def train_step(setup: Setup, objective: Objective, state: TrainState, batch) -> tuple[TrainState, dict]:
+    """One optimizer update on `batch` (split into `train.grad_accum_steps` micro-batches)."""
+    accum = setup.config.train.grad_accum_steps
+    rng = mask_rng(setup.config.seed, state.step)
+
+    def grads_of(micro, key):
+        def f(p):
+            sums = _loss_sums(setup, objective, p, micro, key)
+            return sums.loss, sums
+
+        (_, sums), g = jax.value_and_grad(f, has_aux=True)(state.params)
+        return g, sums
+
+    if accum == 1:
+        grads, sums = grads_of(batch, rng)
+    else:
+        # [B, L] -> [accum, B/accum, L]: row i of micro-batch j is row j + accum * i, so every
+        # micro-batch keeps the batch sharding of its rows.
+        micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(-1, accum, x.shape[-1]), 0, 1), batch)
+
+        def body(carry, xs):
+            g, sums = grads_of(xs[0], xs[1])
+            return jax.tree.map(jnp.add, carry, (g, sums)), None
+
+        zeros = (
+            jax.tree.map(jnp.zeros_like, state.params),
+            objectives.LossSums(jnp.float32(0), jnp.float32(0), jnp.float32(0)),
+        )
+        (grads, sums), _ = jax.lax.scan(body, zeros, (micro, jax.random.split(rng, accum)))
+
+    count = jnp.maximum(sums.count, 1.0)
+    grads = jax.tree.map(lambda g: g / count, grads)  # exact mean over every predicted token
+    loss = sums.loss / count
+    grad_norm = optax.global_norm(grads)
+    updates, new_opt = setup.tx.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite(new_params)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
+    new_state = TrainState(
+        step=state.step + 1,
+        params=keep(new_params, state.params),
+        opt_state=keep(new_opt, state.opt_state),
+        bad_steps=jnp.where(ok, 0, state.bad_steps + 1),
+        skipped_steps=state.skipped_steps + (~ok).astype(jnp.int32),
+    )
+    metrics = {
+        "loss": loss,
+        "accuracy": sums.correct / count,
+        "grad_norm": grad_norm,
+        "learning_rate": setup.lr_schedule(state.step),
+        "predicted_tokens": sums.count,
+        "finite": ok,
+        "bad_steps": new_state.bad_steps,
+        "skipped_steps": new_state.skipped_steps,
+    }
+    return new_state, metrics
+
+
+def eval_step(setup: Setup, objective: Objective, params, batch, step_for_masks) -> objectives.LossSums:
+    """Loss sums of `objective` on `batch` (masks drawn from a fixed evaluation stream)."""
+    rng = jax.random.fold_in(mask_rng(setup.config.seed + 1, 0), step_for_masks)
+    return _loss_sums(setup, objective, params, batch, rng)
+
+
+def batch_shardings(mesh) -> dict:
+    s = sharding.batch_sharding(mesh)
+    return {"tokens": s, "segment_ids": s, "positions": s}
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_train_step(setup: Setup, objective: Objective):
+    return jax.jit(
+        functools.partial(train_step, setup, objective),
+        in_shardings=(setup.state_shardings, batch_shardings(setup.mesh)),
+        out_shardings=(setup.state_shardings, NamedSharding(setup.mesh, P())),
+        donate_argnums=(0,),
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_eval_step(setup: Setup, objective: Objective):
+    return jax.jit(
+        functools.partial(eval_step, setup, objective),
+        in_shardings=(setup.state_shardings.params, batch_shardings(setup.mesh), NamedSharding(setup.mesh, P())),
+        out_shardings=NamedSharding(setup.mesh, P()),
+    )
+
+
+def _in_context(setup: Setup, fn):
+    def call(*args):
+        with setup.context():
+            return fn(*args)
+
+    call.lower = lambda *args: _lower(setup, fn, args)
+    return call
+
+
+def _lower(setup, fn, args):
+    with setup.context():
+        return fn.lower(*args)
+
+
+def compiled_train_step(setup: Setup, objective: Objective):
+    """The jitted `(state, batch) -> (state, metrics)` for one objective (compiled on first call)."""
+    return _in_context(setup, _jitted_train_step(setup, objective))
+
+
+def compiled_eval_step(setup: Setup, objective: Objective):
+    """The jitted `(params, batch, index) -> LossSums` for one objective."""
+    return _in_context(setup, _jitted_eval_step(setup, objective))
