@@ -75,7 +75,7 @@ def train_step(setup: Setup, objective: Objective, state: TrainState, batch) -> 
     count = jnp.maximum(sums.count, 1.0)
     grads = jax.tree.map(lambda g: g / count, grads)  # exact mean over every predicted token
     loss = sums.loss / count
-    grad_norm = optax.global_norm(grads)
+    grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads)))
     updates, new_opt = setup.tx.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
 

@@ -1,0 +1,29 @@
+"""Small builders shared by the tests."""
+
+import numpy as np
+
+from mlm_vs_clm.config import load_config
+
+
+def tiny_config(objective="mlm40", **overrides):
+    base = {"train.batch_size": 8, "train.seq_len": 32, "model.vocab_size": 256, "train.steps": 40}
+    base.update(overrides)
+    return load_config(f"configs/pretrain.py:tiny,{objective}", base)
+
+
+def packed_batch(batch=8, length=32, vocab=256, seed=0, segments=(20, 10), pad_tail=True):
+    """Rows packed with segments of the given lengths, then padding (segment 0)."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(5, vocab, (batch, length)).astype(np.int32)
+    seg = np.zeros((batch, length), np.int32)
+    pos = np.zeros((batch, length), np.int32)
+    start = 0
+    for i, n in enumerate(segments):
+        seg[:, start : start + n] = i + 1
+        pos[:, start : start + n] = np.arange(n)
+        tokens[:, start] = 2  # bos: a special token, never an MLM target
+        start += n
+    if not pad_tail:
+        assert start == length
+    tokens[seg == 0] = 0
+    return {"tokens": tokens, "segment_ids": seg, "positions": pos}

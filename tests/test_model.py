@@ -1,0 +1,93 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import flax.linen as nn
+
+from mlm_vs_clm.config import load_config
+from mlm_vs_clm.model import LanguageModel, ModelConfig, count_params, init_params
+from tests.helpers import packed_batch, tiny_config
+
+
+@pytest.fixture(scope="module")
+def model_and_params():
+    cfg = ModelConfig.from_config(tiny_config().model)
+    params = nn.meta.unbox(init_params(cfg, jax.random.PRNGKey(0)))
+    return LanguageModel(cfg), params
+
+
+def _logits(mp, batch, mode):
+    model, params = mp
+    return np.asarray(
+        model.apply({"params": params}, batch["tokens"], batch["segment_ids"], batch["positions"], mode)
+    )
+
+
+def test_causal_output_ignores_later_tokens(model_and_params):
+    b = packed_batch(batch=2, segments=(32,), pad_tail=False)
+    changed = {k: v.copy() for k, v in b.items()}
+    changed["tokens"][:, 20:] = 7
+    a, c = _logits(model_and_params, b, "causal"), _logits(model_and_params, changed, "causal")
+    np.testing.assert_allclose(a[:, :20], c[:, :20], atol=1e-5)
+    assert np.abs(a[:, 20:] - c[:, 20:]).max() > 1e-3
+
+
+def test_bidirectional_output_sees_later_tokens(model_and_params):
+    b = packed_batch(batch=2, segments=(32,), pad_tail=False)
+    changed = {k: v.copy() for k, v in b.items()}
+    changed["tokens"][:, 20:] = 7
+    a, c = _logits(model_and_params, b, "bidirectional"), _logits(model_and_params, changed, "bidirectional")
+    assert np.abs(a[:, :20] - c[:, :20]).max() > 1e-3
+
+
+@pytest.mark.parametrize("mode", ["causal", "bidirectional"])
+def test_segments_never_see_each_other(model_and_params, mode):
+    b = packed_batch(batch=2, segments=(12, 14))
+    changed = {k: v.copy() for k, v in b.items()}
+    changed["tokens"][:, 12:26] = 9  # rewrite segment 2 entirely
+    changed["tokens"][:, 26:] = 11  # and the padding
+    a, c = _logits(model_and_params, b, mode), _logits(model_and_params, changed, mode)
+    np.testing.assert_allclose(a[:, :12], c[:, :12], atol=1e-5)
+    # a packed segment gives the same output as the same segment alone in its row
+    alone = {k: v.copy() for k, v in b.items()}
+    alone["segment_ids"][:, 12:] = 0
+    np.testing.assert_allclose(_logits(model_and_params, alone, mode)[:, :12], a[:, :12], atol=1e-5)
+
+
+def test_scan_and_unrolled_layers_agree():
+    c = tiny_config()
+    cfg = ModelConfig.from_config(c.model)
+    unrolled = ModelConfig.from_config({**c.model.to_dict(), "scan_layers": False, "remat_policy": "full"})
+    p = nn.meta.unbox(init_params(cfg, jax.random.PRNGKey(1)))
+    layers = p["encoder"]["layers"]
+    p2 = {"lm_head": p["lm_head"], "encoder": {k: v for k, v in p["encoder"].items() if k != "layers"}}
+    for i in range(cfg.num_layers):
+        p2["encoder"][f"layers_{i}"] = jax.tree.map(lambda x: x[i], layers)
+    b = packed_batch(batch=2)
+    a = LanguageModel(cfg).apply({"params": p}, b["tokens"], b["segment_ids"], b["positions"], "causal")
+    u = LanguageModel(unrolled).apply({"params": p2}, b["tokens"], b["segment_ids"], b["positions"], "causal")
+    np.testing.assert_allclose(np.asarray(a), np.asarray(u), atol=1e-5)
+
+
+def test_every_parameter_has_logical_axes():
+    cfg = ModelConfig.from_config(tiny_config().model)
+    boxed = jax.eval_shape(lambda r: init_params(cfg, r), jax.random.PRNGKey(0))
+    leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    assert leaves and all(isinstance(x, nn.Partitioned) for x in leaves)
+    for x in leaves:
+        assert len(x.names) == len(x.value.shape)
+
+
+@pytest.mark.parametrize("preset,expected", [("210m", 211.8e6), ("610m", 607.8e6), ("1b", 1188e6)])
+def test_paper_parameter_counts(preset, expected):
+    cfg = ModelConfig.from_config(load_config(f"configs/pretrain.py:{preset}").model)
+    assert cfg.vocab_size == 128256
+    abstract = jax.eval_shape(lambda r: init_params(cfg, r), jax.random.PRNGKey(0))
+    assert abs(count_params(abstract) - expected) / expected < 0.01
+
+
+def test_1b_blocks_alone():
+    cfg = ModelConfig.from_config(load_config("configs/pretrain.py:1b").model)
+    abstract = jax.eval_shape(lambda r: init_params(cfg, r), jax.random.PRNGKey(0))
+    blocks = sum(np.prod(x.shape) for x in jax.tree.leaves(nn.meta.unbox(abstract)["encoder"]["layers"]))
+    assert abs(blocks - 966e6) / 966e6 < 0.01
