@@ -1,0 +1,205 @@
+"""The grain input pipeline: documents -> packed token rows, objective-agnostic.
+
+    source -> this process's shard -> seeded shuffle (reshuffled every epoch, endless)
+      -> tokenize ([bos] + ids + [eos] per document; worker processes if data.worker_count)
+      -> pack into rows of train.seq_len (grain ConcatThenSplit: a document longer than the
+         rest of a row continues as a new segment, positions from 0, in the next row)
+      -> batch of train.batch_size // process_count rows
+      -> {tokens, segment_ids, positions}: int32 [local_batch, seq_len]; segment_ids 1, 2, ..
+         per document in a row, 0 = padding; positions restart at 0 in every segment.
+
+The iterator is a grain `DatasetIterator`: `get_state()` / `set_state()`, and
+`grain.checkpoint.CheckpointSave(it)` / `CheckpointRestore(it)` inside orbax, give exactly
+the next batch after a restore. Validation rows come from held-out documents: the
+`data.validation_source` if set, the demo corpus's held-out split for `demo`, otherwise
+every 64th document of the source (then left out of training).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+
+import grain
+import numpy as np
+from absl import flags, logging
+
+from mlm_vs_clm.data import demo_corpus, sources
+from mlm_vs_clm.data.tokenizer import (
+    Tokenizer,
+    TokenizerError,
+    load_tokenizer,
+    train_tokenizer,
+)
+
+FEATURES = ("tokens", "segment_ids", "positions")
+HELDOUT_EVERY = 64
+_opened: dict = {}
+
+
+def _text_mode(config) -> str:
+    return config.data.get("text_mode", "file")
+
+
+def _open(spec: str, config):
+    key = (spec, config.data.text_field, _text_mode(config))
+    if key not in _opened:
+        _opened[key] = sources.open_source(spec, config.data.text_field, _text_mode(config))
+    return _opened[key]
+
+
+def documents(config, split: str):
+    """The 'train' or 'validation' documents of `config.data` (random access)."""
+    data = config.data
+    source = _open(data.source, config)
+    if data.validation_source:
+        return source if split == "train" else _open(data.validation_source, config)
+    if data.source.strip() in ("demo", "demo:pretrain"):
+        return source if split == "train" else _open("demo:heldout", config)
+    train, heldout = sources.split_heldout(source, HELDOUT_EVERY)
+    return train if split == "train" else heldout
+
+
+class _Tokenize(grain.transforms.Map):
+    """text -> {'tokens': int32 [n + 2]} ([bos] + ids + [eos]); '' -> an empty array."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self._tokenizer = tokenizer
+        self._bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+        self._eos = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
+
+    def map(self, text: str):
+        if not text:
+            return {"tokens": np.zeros((0,), np.int32)}
+        return {"tokens": np.asarray(self._bos + self._tokenizer.encode(text) + self._eos, np.int32)}
+
+
+def _rename(row: dict) -> dict:
+    return {"tokens": row["tokens"], "segment_ids": row["tokens_segment_ids"], "positions": row["tokens_positions"]}
+
+
+def packed_batches(
+    docs,
+    tokenizer: Tokenizer,
+    seq_len: int,
+    batch_size: int,
+    *,
+    seed: int | None = 0,
+    shard_index: int = 0,
+    shard_count: int = 1,
+    worker_count: int = 0,
+    num_epochs: int | None = None,
+) -> grain.IterDataset:
+    """Documents -> endless (or `num_epochs`) batches of packed rows; see the module docstring.
+
+    `seed=None` keeps document order. The rows do not depend on `worker_count`.
+    """
+    if len(docs) < shard_count:
+        raise ValueError(f"data: {len(docs)} documents cannot be sharded over {shard_count} processes")
+    ds = grain.MapDataset.source(docs)[shard_index::shard_count]
+    if seed is not None:
+        ds = ds.shuffle(seed=int(seed) % 2**32)
+    ds = ds.repeat(num_epochs).map(_Tokenize(tokenizer))
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=256))
+    if worker_count > 0:
+        if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags
+            flags.FLAGS.mark_as_parsed()
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    # Empty documents are dropped here, after the workers, so rows do not depend on them.
+    it = it.filter(lambda d: d["tokens"].shape[0] > 0)
+    it = grain.experimental.ConcatThenSplitIterDataset(it, length_struct={"tokens": seq_len})
+    return it.map(_rename).batch(batch_size, drop_remainder=True)
+
+
+def local_batch_size(config, process_count: int) -> int:
+    if config.train.batch_size % process_count:
+        raise ValueError(f"train.batch_size={config.train.batch_size} is not divisible by {process_count} processes")
+    return config.train.batch_size // process_count
+
+
+def train_iterator(config, tokenizer: Tokenizer, process_index: int = 0, process_count: int = 1):
+    """This process's batches: a grain iterator with get_state() / set_state()."""
+    docs = documents(config, "train")
+    ds = packed_batches(
+        docs, tokenizer, config.train.seq_len, local_batch_size(config, process_count),
+        seed=config.seed if config.data.shuffle else None,
+        shard_index=process_index, shard_count=process_count, worker_count=config.data.worker_count,
+    )
+    return iter(ds)
+
+
+def validation_batches(config, tokenizer: Tokenizer, num_batches: int) -> list[dict]:
+    """`num_batches` global batches (train.batch_size rows) of held-out rows, in a fixed order."""
+    docs = documents(config, "validation")
+    ds = packed_batches(docs, tokenizer, config.train.seq_len, config.train.batch_size, seed=None)
+    it = iter(ds)
+    batches = [next(it) for _ in range(num_batches)]
+    rows, tokens = num_batches * config.train.batch_size, sum(int((b["segment_ids"] > 0).sum()) for b in batches)
+    logging.info("data: %d validation rows (%d tokens) from %d held-out documents", rows, tokens, len(docs))
+    return batches
+
+
+def pipeline_rows_per_second(config, tokenizer: Tokenizer, seconds: float = 5.0) -> float:
+    """Rows per second that `train_iterator` produces on this machine (after its first batch)."""
+    it = train_iterator(config, tokenizer)
+    next(it)
+    rows, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        rows += next(it)["tokens"].shape[0]
+    return rows / (time.perf_counter() - start)
+
+
+def _tokenizer_cache_dir(config) -> str:
+    data = config.data
+    key = {"source": data.source, "text_field": data.text_field, "text_mode": _text_mode(config),
+               "validation_source": data.validation_source, "vocab_size": int(data.tokenizer_vocab_size)}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    slug = "".join(c if c.isalnum() else "_" for c in data.source)[:40]
+    return os.path.join(demo_corpus.cache_dir(), "tokenizers", f"{slug}-{data.tokenizer_vocab_size}-{digest}")
+
+
+def check_tokenizer(config, tokenizer: Tokenizer) -> None:
+    """Raises ValueError naming the config key when the tokenizer does not fit the config."""
+    if tokenizer.vocab_size > config.model.vocab_size:
+        raise ValueError(f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's "
+                         f"{tokenizer.vocab_size} pieces")
+    for role in ("pad", "unk", "bos", "eos", "mask"):
+        have, want = getattr(tokenizer, f"{role}_id"), config.tokens.get(f"{role}_id")
+        if have is not None and want is not None and have != want:
+            raise ValueError(f"tokens.{role}_id={want} but the tokenizer's {role} id is {have}")
+
+
+def prepare_tokenizer(config, workdir: str | None = None) -> Tokenizer:
+    """`data.tokenizer` if set; else the run's own copy (resume); else one trained on the
+    training documents with `data.tokenizer_vocab_size` pieces, cached in the cache folder.
+    A copy goes to `workdir/tokenizer/`."""
+    run_copy = os.path.join(workdir, "tokenizer") if workdir else None
+    if config.data.tokenizer:
+        tokenizer = load_tokenizer(config.data.tokenizer)
+    elif run_copy and os.path.isdir(run_copy):
+        tokenizer = load_tokenizer(run_copy)
+    else:
+        cached = _tokenizer_cache_dir(config)
+        try:
+            tokenizer = load_tokenizer(cached)
+        except TokenizerError:
+            docs = documents(config, "train")
+            logging.info("data: training a %d-piece tokenizer on %s", config.data.tokenizer_vocab_size, config.data.source)
+            tmp = f"{cached}.tmp{os.getpid()}"
+            tokenizer = train_tokenizer(sources.sample_texts(docs, 200_000_000), config.data.tokenizer_vocab_size, tmp)
+            shutil.rmtree(cached, ignore_errors=True)
+            os.replace(tmp, cached)
+    check_tokenizer(config, tokenizer)
+    if run_copy and not os.path.isdir(run_copy):
+        tokenizer.save(run_copy)
+    return tokenizer
+
+
+def to_global_batch(batch: dict, sharding) -> dict:
+    """Process-local numpy rows -> global jax.Arrays laid out by `sharding` (batch axis first)."""
+    import jax
+
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}

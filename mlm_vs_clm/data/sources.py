@@ -1,0 +1,262 @@
+"""Document sources: random-access sequences of document strings (`len` + `[i]`) for grain.
+
+`open_source(spec)` understands
+- a local path, a directory (all files in it), a glob, or any `etils.epath` path (gs:// ...),
+  several separated by commas. By extension: `.jsonl`/`.json`/`.ndjson` = JSON lines with a
+  text field, `.parquet` = a text column, anything else = plain text, one document per file
+  (`text_mode='file'`) or per blank-line-separated block (`text_mode='blocks'`). These are
+  read once into memory, compactly (UTF-8 bytes + offsets); larger corpora belong in TFDS.
+- `tfds:NAME[/CONFIG][:SPLIT]` (default split `train`): `tfds.data_source`, read lazily.
+- `demo` / `demo:heldout`: the BBC News pretraining / held-out split (`demo_corpus`).
+
+Empty documents are skipped, invalid UTF-8 is decoded with U+FFFD and counted, and the
+counts are logged. A missing path or a glob that matches nothing is a `SourceError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+
+import numpy as np
+from absl import logging
+from etils import epath
+
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+PARQUET_SUFFIXES = (".parquet",)
+TEXT_MODES = ("file", "blocks")
+_GLOB_CHARS = re.compile(r"[*?\[]")
+_BLANK_LINE = re.compile(r"\n[ \t\r\f\v]*\n")
+
+
+class SourceError(ValueError):
+    """A data source cannot be opened or read; the message names it."""
+
+
+@dataclasses.dataclass
+class SourceStats:
+    files: int = 0
+    documents: int = 0
+    skipped_empty: int = 0
+    repaired_utf8: int = 0
+
+
+def _decode(raw: bytes, stats: SourceStats) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        stats.repaired_utf8 += 1
+        return raw.decode("utf-8", errors="replace")
+
+
+class Documents:
+    """Documents held as one UTF-8 buffer plus offsets: ~1 byte per character."""
+
+    def __init__(self, texts, name: str = "documents", stats: SourceStats | None = None):
+        encoded = [t.encode("utf-8") for t in texts]
+        self._data = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+        self._offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum([len(e) for e in encoded], out=self._offsets[1:])
+        self.name = name
+        self.stats = stats or SourceStats(documents=len(encoded))
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def __getitem__(self, index: int) -> str:
+        index = int(index) % len(self)
+        return self._data[self._offsets[index] : self._offsets[index + 1]].tobytes().decode("utf-8")
+
+    def __repr__(self) -> str:
+        return f"Documents({self.name!r}, {len(self)} documents)"
+
+
+class TfdsDocuments:
+    """`tfds.data_source` records -> their text field (bytes decoded with replacement).
+
+    Read lazily, so an empty record comes back as '' (the pipeline drops those).
+    """
+
+    def __init__(self, spec: str, text_field: str = "text"):
+        import tensorflow_datasets as tfds
+
+        name, _, split = spec[len("tfds:") :].partition(":")
+        if not name:
+            raise SourceError(f"data source {spec!r}: expected tfds:NAME[/CONFIG][:SPLIT]")
+        self.name, self.split, self.text_field = name, split or "train", text_field
+        self.stats = SourceStats()
+        try:
+            self._source = tfds.data_source(name, split=self.split, data_dir=os.environ.get("TFDS_DATA_DIR"))
+        except Exception as e:  # tfds raises many types; all mean the same to a user
+            raise SourceError(f"data source {spec!r}: cannot open the TFDS data source: {e}") from e
+        self.stats.documents = len(self._source)
+        if len(self._source) == 0:
+            raise SourceError(f"data source {spec!r}: split {self.split!r} has no records")
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> str:
+        record = self._source[int(index) % len(self)]
+        if self.text_field not in record:
+            raise SourceError(f"data source tfds:{self.name}: record has no field {self.text_field!r} "
+                              f"(fields: {sorted(record)}); set data.text_field")
+        value = record[self.text_field]
+        text = _decode(value, self.stats) if isinstance(value, bytes) else str(value)
+        return text if text.strip() else ""
+
+    def __getstate__(self):
+        return self.__dict__
+
+    def __repr__(self) -> str:
+        return f"TfdsDocuments({self.name!r}, split={self.split!r}, {len(self)} records)"
+
+
+class IndexSubset:
+    """Documents `index_fn(j)` for j in range(length) of a parent source (no index arrays)."""
+
+    def __init__(self, parent, length: int, index_fn, name: str):
+        self._parent, self._length, self._index_fn, self.name = parent, length, index_fn, name
+        self.stats = getattr(parent, "stats", SourceStats())
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index: int) -> str:
+        return self._parent[self._index_fn(int(index) % self._length)]
+
+    def __repr__(self) -> str:
+        return f"IndexSubset({self.name!r}, {self._length} documents)"
+
+
+def split_heldout(source, every: int = 64):
+    """(train, heldout): document i is held out when i % every == 0 (~1.6 % for 64)."""
+    n = len(source)
+    if n < 2:
+        raise SourceError(f"data source {getattr(source, 'name', source)!r}: {n} document(s), "
+                          "too few to hold some out; set data.validation_source")
+    n_held = -(-n // every)
+    keep = every - 1
+    train = IndexSubset(source, n - n_held, lambda j: (j // keep) * every + 1 + j % keep, "train part")
+    heldout = IndexSubset(source, n_held, lambda k: k * every, "held-out part")
+    return train, heldout
+
+
+def expand_paths(spec: str) -> list[epath.Path]:
+    """Comma-separated paths, directories and globs -> the files, sorted per entry."""
+    files: list[epath.Path] = []
+    for entry in [e.strip() for e in spec.split(",") if e.strip()]:
+        if _GLOB_CHARS.search(entry):
+            head = _GLOB_CHARS.split(entry, maxsplit=1)[0]
+            base = head.rsplit("/", 1)[0] if "/" in head else "."
+            pattern = entry[len(base) + 1 :] if base != "." or entry.startswith("./") else entry
+            matched = sorted(p for p in epath.Path(base).glob(pattern) if p.is_file())
+            if not matched:
+                raise SourceError(f"data source: glob {entry!r} matches no files")
+            files.extend(matched)
+            continue
+        path = epath.Path(entry)
+        if not path.exists():
+            raise SourceError(f"data source: path {entry!r} does not exist")
+        if path.is_dir():
+            inside = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+            if not inside:
+                raise SourceError(f"data source: directory {entry!r} contains no files")
+            files.extend(inside)
+        else:
+            files.append(path)
+    if not files:
+        raise SourceError(f"data source: {spec!r} names no files")
+    return files
+
+
+def _texts_of_file(path: epath.Path, text_field: str, text_mode: str, stats: SourceStats):
+    suffix = path.suffix.lower()
+    if suffix in PARQUET_SUFFIXES:
+        import pyarrow.parquet as pq
+
+        with path.open("rb") as f:
+            parquet = pq.ParquetFile(f)
+            if text_field not in parquet.schema_arrow.names:
+                raise SourceError(f"data source {os.fspath(path)!r}: no column {text_field!r} "
+                                  f"(columns: {parquet.schema_arrow.names}); set data.text_field")
+            for batch in parquet.iter_batches(columns=[text_field]):
+                for value in batch.column(0).to_pylist():
+                    if isinstance(value, bytes):
+                        value = _decode(value, stats)
+                    yield value or ""
+        return
+    raw = path.read_bytes()
+    if suffix in JSONL_SUFFIXES:
+        for line_no, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(_decode(line, stats))
+            except json.JSONDecodeError as e:
+                raise SourceError(f"data source {os.fspath(path)!r} line {line_no}: invalid JSON ({e})") from e
+            if not isinstance(record, dict) or text_field not in record:
+                raise SourceError(f"data source {os.fspath(path)!r} line {line_no}: no field {text_field!r}; "
+                                  "set data.text_field")
+            value = record[text_field]
+            yield value if isinstance(value, str) else ("" if value is None else str(value))
+        return
+    text = _decode(raw, stats).replace("\r\n", "\n")
+    if text_mode == "blocks":
+        yield from _BLANK_LINE.split(text)
+    else:
+        yield text
+
+
+def read_files(spec: str, text_field: str = "text", text_mode: str = "file") -> Documents:
+    """Reads every document of the files named by `spec` into memory."""
+    if text_mode not in TEXT_MODES:
+        raise SourceError(f"data.text_mode: {text_mode!r} is not one of {TEXT_MODES}")
+    stats, texts = SourceStats(), []
+    for path in expand_paths(spec):
+        stats.files += 1
+        for text in _texts_of_file(path, text_field, text_mode, stats):
+            text = text.strip()
+            if text:
+                texts.append(text)
+            else:
+                stats.skipped_empty += 1
+    stats.documents = len(texts)
+    logging.info("data source %s: %d documents from %d files; %d empty skipped; %d with invalid UTF-8 repaired",
+                 spec, stats.documents, stats.files, stats.skipped_empty, stats.repaired_utf8)
+    if not texts:
+        raise SourceError(f"data source {spec!r}: no non-empty documents")
+    return Documents(texts, name=spec, stats=stats)
+
+
+def open_source(spec: str, text_field: str = "text", text_mode: str = "file"):
+    """A data source spec (see the module docstring) -> random-access documents."""
+    spec = (spec or "").strip()
+    if not spec:
+        raise SourceError("data.source is empty: give a path, a glob, tfds:NAME or demo")
+    if spec.startswith("tfds:"):
+        return TfdsDocuments(spec, text_field)
+    if spec in ("demo", "demo:pretrain", "demo:heldout"):
+        from mlm_vs_clm.data import demo_corpus
+
+        texts = demo_corpus.heldout_texts() if spec == "demo:heldout" else demo_corpus.pretrain_texts()
+        return Documents(texts, name=spec)
+    return read_files(spec, text_field, text_mode)
+
+
+def sample_texts(source, max_chars: int):
+    """Up to ~max_chars of text from documents spread evenly over the source (in order)."""
+    n = len(source)
+    probe = [len(source[i]) for i in range(0, n, max(1, n // 100))]
+    estimate = float(np.mean(probe)) * n if probe else 0.0
+    stride = max(1, int(np.ceil(estimate / max(1, max_chars))))
+    total = 0
+    for i in range(0, n, stride):
+        text = source[i]
+        if text:
+            yield text
+            total += len(text)
+            if total >= max_chars:
+                return

@@ -1,0 +1,303 @@
+"""Tokenizers: train a sentencepiece model, or load one (or a Hugging Face `tokenizer.json`).
+
+    python -m mlm_vs_clm.data.tokenizer --input=SOURCE --vocab_size=N --out=DIR [--model_type=unigram|bpe]
+
+SOURCE is any data source (`sources.open_source`: paths, globs, tfds:NAME, demo). The model
+reserves pad=0, unk=1, bos=2, eos=3 and the control symbol `<mask>`=4 (the `config.tokens`
+defaults) and uses byte fallback, so every string is encodable and `decode(encode(s)) == s`
+(identity normalisation: no NFKC, whitespace kept).
+
+Both kinds expose one interface: `encode(text) -> list[int]` (no bos/eos), `encode_batch`,
+`decode(ids)`, `vocab_size`, `pad_id`, `unk_id`, `bos_id`, `eos_id`, `mask_id` (None when
+absent), `special_ids`, `save(directory)`. `load_tokenizer(path)` takes a directory holding
+`spiece.model` or `tokenizer.json` (and optionally `tokenizer_meta.json`), or the file itself.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+
+from absl import logging
+
+MODEL_FILE = "spiece.model"
+HF_FILE = "tokenizer.json"
+META_FILE = "tokenizer_meta.json"
+SPECIAL_PIECES = {"pad": "<pad>", "unk": "<unk>", "bos": "<s>", "eos": "</s>", "mask": "<mask>"}
+# Hugging Face tokenizers name their special tokens in several ways; the first present wins.
+HF_CANDIDATES = {
+    "pad": ("<pad>", "[PAD]", "<|pad|>", "<|padding|>", "<|finetune_right_pad_id|>"),
+    "unk": ("<unk>", "[UNK]", "<|unk|>"),
+    "bos": ("<s>", "<bos>", "<|begin_of_text|>", "<|startoftext|>", "[CLS]", "<|endoftext|>"),
+    "eos": ("</s>", "<eos>", "<|end_of_text|>", "<|endoftext|>", "[SEP]"),
+    "mask": ("<mask>", "<|mask|>", "[MASK]"),
+}
+_ROLES = ("pad", "unk", "bos", "eos", "mask")
+_MAX_LINE_CHARS = 2000  # training lines are cut to this (sentencepiece drops longer ones)
+
+
+class TokenizerError(ValueError):
+    """A tokenizer cannot be trained or loaded; the message names the file or the cause."""
+
+
+class Tokenizer:
+    """The interface the pipeline, fine-tuning and conversion use."""
+
+    kind = "abstract"
+    vocab_size: int
+    pad_id: int | None
+    unk_id: int | None
+    bos_id: int | None
+    eos_id: int | None
+    mask_id: int | None
+
+    @property
+    def special_ids(self) -> tuple[int, ...]:
+        return tuple(sorted({i for i in (getattr(self, f"{r}_id") for r in _ROLES) if i is not None}))
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids) -> str:
+        raise NotImplementedError
+
+    def id_to_piece(self, token_id: int) -> str:
+        raise NotImplementedError
+
+    def save(self, directory: str) -> str:
+        raise NotImplementedError
+
+    def _meta(self) -> dict:
+        return dict(kind=self.kind, vocab_size=self.vocab_size, **{f"{r}_id": getattr(self, f"{r}_id") for r in _ROLES})
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(vocab_size={self.vocab_size}, special_ids={self.special_ids})"
+
+
+class SentencePieceTokenizer(Tokenizer):
+    kind = "sentencepiece"
+
+    def __init__(self, model_proto: bytes, name: str = "sentencepiece model"):
+        self._proto, self._name = bytes(model_proto), name
+        self._load()
+
+    def _load(self):
+        import sentencepiece as spm
+
+        self._sp = spm.SentencePieceProcessor()
+        try:
+            self._sp.LoadFromSerializedProto(self._proto)
+        except Exception as e:  # sentencepiece raises RuntimeError / OSError with C++ text
+            raise TokenizerError(f"tokenizer {self._name!r}: not a valid sentencepiece model ({e})") from e
+        sp = self._sp
+        self.vocab_size = sp.get_piece_size()
+        ids = {"pad": sp.pad_id(), "unk": sp.unk_id(), "bos": sp.bos_id(), "eos": sp.eos_id()}
+        for role, i in ids.items():
+            setattr(self, f"{role}_id", i if i >= 0 else None)
+        mask = sp.piece_to_id(SPECIAL_PIECES["mask"])
+        self.mask_id = mask if mask != sp.unk_id() and sp.id_to_piece(mask) == SPECIAL_PIECES["mask"] else None
+
+    def __getstate__(self):
+        return {"proto": self._proto, "name": self._name}
+
+    def __setstate__(self, state):
+        self._proto, self._name = state["proto"], state["name"]
+        self._load()
+
+    def encode(self, text: str) -> list[int]:
+        return self._sp.encode(text, out_type=int)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self._sp.encode(list(texts), out_type=int)
+
+    def decode(self, ids) -> str:
+        return self._sp.decode([int(i) for i in ids])
+
+    def id_to_piece(self, token_id: int) -> str:
+        return self._sp.id_to_piece(int(token_id))
+
+    def save(self, directory: str) -> str:
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, MODEL_FILE), "wb") as f:
+            f.write(self._proto)
+        with open(os.path.join(directory, META_FILE), "w") as f:
+            json.dump(self._meta(), f, indent=1)
+        return directory
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face `tokenizers` model; special ids from `tokenizer_meta.json` or token names."""
+
+    kind = "huggingface"
+
+    def __init__(self, tokenizer_json: str, meta: dict | None = None, name: str = HF_FILE):
+        self._json, self._meta_in, self._name = tokenizer_json, dict(meta or {}), name
+        self._load()
+
+    def _load(self):
+        import tokenizers
+
+        try:
+            self._tok = tokenizers.Tokenizer.from_str(self._json)
+        except Exception as e:  # tokenizers raises a bare Exception on bad JSON
+            raise TokenizerError(f"tokenizer {self._name!r}: not a valid tokenizer.json ({e})") from e
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        vocab = self._tok.get_vocab(with_added_tokens=True)
+        for role in _ROLES:
+            if f"{role}_id" in self._meta_in:
+                value = self._meta_in[f"{role}_id"]
+            else:
+                value = next((vocab[t] for t in HF_CANDIDATES[role] if t in vocab), None)
+            setattr(self, f"{role}_id", None if value is None else int(value))
+
+    def __getstate__(self):
+        return {"json": self._json, "meta": self._meta_in, "name": self._name}
+
+    def __setstate__(self, state):
+        self._json, self._meta_in, self._name = state["json"], state["meta"], state["name"]
+        self._load()
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def id_to_piece(self, token_id: int) -> str:
+        return self._tok.id_to_token(int(token_id))
+
+    def save(self, directory: str) -> str:
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, HF_FILE), "w", encoding="utf-8") as f:
+            f.write(self._json)
+        with open(os.path.join(directory, META_FILE), "w") as f:
+            json.dump(self._meta(), f, indent=1)
+        return directory
+
+
+def load_tokenizer(path: str) -> Tokenizer:
+    """A directory with `spiece.model` or `tokenizer.json`, or either file -> Tokenizer."""
+    from etils import epath
+
+    p = epath.Path(path)
+    if not p.exists():
+        raise TokenizerError(f"tokenizer: {os.fspath(path)!r} does not exist")
+    if p.is_dir():
+        candidates = [p / MODEL_FILE, p / HF_FILE]
+        found = [c for c in candidates if c.exists()]
+        if not found:
+            raise TokenizerError(f"tokenizer: directory {os.fspath(path)!r} has neither {MODEL_FILE} nor {HF_FILE}")
+        p = found[0]
+    meta_path = p.parent / META_FILE
+    meta = None
+    if meta_path.exists():
+        try:
+            meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError as e:
+            raise TokenizerError(f"tokenizer: {os.fspath(meta_path)!r} is not valid JSON ({e})") from e
+    if p.suffix == ".json":
+        return HFTokenizer(p.read_text(), meta, name=os.fspath(p))
+    return SentencePieceTokenizer(p.read_bytes(), name=os.fspath(p))
+
+
+def _training_lines(texts):
+    for text in texts:
+        for line in text.splitlines():
+            for start in range(0, len(line), _MAX_LINE_CHARS):
+                piece = line[start : start + _MAX_LINE_CHARS]
+                if piece.strip():
+                    yield piece
+
+
+def train_tokenizer(
+    texts, vocab_size: int, out_dir: str | None = None, model_type: str = "unigram", exact: bool = False
+) -> SentencePieceTokenizer:
+    """Trains a sentencepiece model in-process on an iterable of documents.
+
+    `vocab_size` is an upper bound: text too small for it (the 4 MB demo corpus supports ~24k
+    unigram pieces) gives a smaller vocabulary, with a warning; the model's embedding table
+    may be larger than the tokenizer (unused rows). With `exact=True` a `TokenizerError` says
+    instead that the text is too small and which size it supports.
+    """
+    import sentencepiece as spm
+
+    if model_type not in ("unigram", "bpe"):
+        raise TokenizerError(f"tokenizer: model_type {model_type!r} is not 'unigram' or 'bpe'")
+    reserved = len(SPECIAL_PIECES) + 256  # special pieces + byte-fallback pieces
+    if vocab_size <= reserved:
+        raise TokenizerError(f"tokenizer: vocab_size {vocab_size} must exceed the {reserved} reserved pieces")
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=_training_lines(texts),
+            model_writer=model,
+            vocab_size=vocab_size,
+            model_type=model_type,
+            byte_fallback=True,
+            hard_vocab_limit=exact,
+            character_coverage=0.9995,
+            split_digits=True,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            max_sentence_length=4 * _MAX_LINE_CHARS + 64,
+            input_sentence_size=4_000_000,
+            shuffle_input_sentence=True,
+            pad_id=0, unk_id=1, bos_id=2, eos_id=3,
+            pad_piece=SPECIAL_PIECES["pad"], unk_piece=SPECIAL_PIECES["unk"],
+            bos_piece=SPECIAL_PIECES["bos"], eos_piece=SPECIAL_PIECES["eos"],
+            control_symbols=[SPECIAL_PIECES["mask"]],
+            num_threads=os.cpu_count() or 1,
+            minloglevel=2,
+        )
+    except RuntimeError as e:
+        message = str(e).strip().splitlines()[-1]
+        if "Vocabulary size" in message or "vocab_size" in message:
+            raise TokenizerError(
+                f"tokenizer: the training text is too small for vocab_size={vocab_size} ({message}); "
+                "use more text or a smaller data.tokenizer_vocab_size"
+            ) from e
+        raise TokenizerError(f"tokenizer: sentencepiece training failed ({message})") from e
+    tokenizer = SentencePieceTokenizer(model.getvalue(), name="trained sentencepiece model")
+    if tokenizer.vocab_size < vocab_size:
+        logging.warning("tokenizer: the text supports %d pieces, fewer than vocab_size=%d", tokenizer.vocab_size, vocab_size)
+    logging.info("tokenizer: trained %s, %d pieces", model_type, tokenizer.vocab_size)
+    if out_dir:
+        tokenizer.save(out_dir)
+    return tokenizer
+
+
+def main(argv=None) -> int:
+    import argparse
+    import sys
+
+    from mlm_vs_clm.data import sources
+
+    parser = argparse.ArgumentParser(prog="python -m mlm_vs_clm.data.tokenizer", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--input", required=True, help="data source: path, glob, tfds:NAME[:SPLIT] or demo")
+    parser.add_argument("--vocab_size", type=int, required=True)
+    parser.add_argument("--out", required=True, help="output directory (gets spiece.model)")
+    parser.add_argument("--model_type", default="unigram", choices=("unigram", "bpe"))
+    parser.add_argument("--text_field", default="text", help="JSONL field / Parquet column / TFDS feature")
+    parser.add_argument("--text_mode", default="file", choices=sources.TEXT_MODES)
+    parser.add_argument("--exact", action="store_true", help="fail unless exactly vocab_size pieces are reached")
+    parser.add_argument("--max_chars", type=int, default=200_000_000, help="train on at most this much text")
+    args = parser.parse_args(argv)
+    try:
+        source = sources.open_source(args.input, args.text_field, args.text_mode)
+        tok = train_tokenizer(sources.sample_texts(source, args.max_chars), args.vocab_size, args.out, args.model_type, args.exact)
+    except (sources.SourceError, TokenizerError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {os.path.join(args.out, MODEL_FILE)} ({tok.vocab_size} pieces, special ids {tok.special_ids})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
