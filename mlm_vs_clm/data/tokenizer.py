@@ -258,7 +258,10 @@ def train_tokenizer(
         )
     except RuntimeError as e:
         message = str(e).strip().splitlines()[-1]
-        if "Vocabulary size" in message or "vocab_size" in message:
+        if "smaller than required_chars" in message:
+            raise TokenizerError(f"tokenizer: vocab_size={vocab_size} is too small for the characters "
+                                 f"of the training text ({message})") from e
+        if "Vocabulary size too high" in message:
             raise TokenizerError(
                 f"tokenizer: the training text is too small for vocab_size={vocab_size} ({message}); "
                 "use more text or a smaller data.tokenizer_vocab_size"
