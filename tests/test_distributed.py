@@ -1,0 +1,133 @@
+"""Multi-process start-up on localhost: clear exits instead of hangs, and a working psum."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import portpicker
+import pytest
+
+from mlm_vs_clm import distributed
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# One process of a run: joins through the MLM_VS_CLM_* environment variables, sums a global
+# array built from process-local rows, passes two barriers, prints what it saw as JSON.
+WORKER = r"""
+import json, os, sys, time
+import numpy as np
+from mlm_vs_clm import distributed
+distributed.initialize()
+import jax
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+pid = jax.process_index()
+mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
+local_rows_Rx2 = np.full((jax.local_device_count(), 2), pid + 1, np.float32)
+x_Nx2 = jax.make_array_from_process_local_data(NamedSharding(mesh, P("data")), local_rows_Rx2)
+total = jax.jit(lambda x: x.sum(), out_shardings=NamedSharding(mesh, P()))
+if os.environ.get("SKIP_COLLECTIVE_IN") == str(pid):
+    time.sleep(float(os.environ["SKIP_SLEEP_S"]))
+    sys.exit(0)
+try:
+    value = float(total(x_Nx2))
+except Exception as e:
+    print(json.dumps({"process": pid, "error": str(e).splitlines()[0]}), flush=True)
+    sys.exit(5)
+distributed.sync("after_sum")
+distributed.sync("after_sum")  # the same name twice: ids stay unique
+print(json.dumps({"process": pid, "count": jax.process_count(), "devices": jax.device_count(),
+                  "local": jax.local_device_count(), "sum": value,
+                  "main": distributed.is_main_process()}), flush=True)
+"""
+
+
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS",) and not k.startswith("MLM_VS_CLM_")}
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=REPO_ROOT, PYTHONUNBUFFERED="1")
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def _start(code, env):
+    return subprocess.Popen(
+        [sys.executable, "-c", code], env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def _run_pair(timeout, **extra):
+    address = f"127.0.0.1:{portpicker.pick_unused_port()}"
+    procs = [
+        _start(
+            WORKER,
+            _env(
+                MLM_VS_CLM_COORDINATOR=address,
+                MLM_VS_CLM_NUM_PROCESSES=2,
+                MLM_VS_CLM_PROCESS_ID=i,
+                MLM_VS_CLM_CPU_DEVICES=4,
+                **extra,
+            ),
+        )
+        for i in range(2)
+    ]
+    try:
+        outs = [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    return procs, outs
+
+
+def test_missing_coordinator_exits_with_clear_error_within_timeout():
+    address = f"127.0.0.1:{portpicker.pick_unused_port()}"  # nobody listens here
+    env = _env(MLM_VS_CLM_CPU_DEVICES=4)
+    code = f"from mlm_vs_clm import distributed; distributed.initialize({address!r}, 2, 1, timeout_s=5)"
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    elapsed = time.monotonic() - start
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("distributed: process 1 of 2 (coordinator 127.0.0.1:") and "within 5 s" in last, proc.stderr
+    assert 5 <= elapsed < 5 + 15, elapsed  # python + jax start-up on a busy 2-core machine
+
+
+def test_two_processes_see_eight_devices_and_agree_on_a_psum():
+    procs, outs = _run_pair(timeout=120)
+    results = []
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-2000:]
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    # rows of process 0 hold 1.0, of process 1 hold 2.0: 4 devices x 2 columns each
+    assert [r["sum"] for r in results] == [4 * 2 * 1.0 + 4 * 2 * 2.0] * 2
+    assert [(r["count"], r["devices"], r["local"]) for r in results] == [(2, 8, 4)] * 2
+    assert [r["main"] for r in results] == [True, False]
+
+
+def test_collective_whose_peer_never_joins_fails_instead_of_hanging():
+    # Process 1 skips the all-reduce; process 0 must give up after the collective timeout.
+    start = time.monotonic()
+    procs, outs = _run_pair(
+        timeout=90, SKIP_COLLECTIVE_IN=1, SKIP_SLEEP_S=10, MLM_VS_CLM_COLLECTIVE_TIMEOUT_S=3
+    )
+    out0, err0 = outs[0]
+    assert procs[0].returncode != 0
+    record = json.loads(out0.strip().splitlines()[-1])
+    assert record["process"] == 0 and "timed out" in record["error"].lower(), err0[-2000:]
+    assert time.monotonic() - start < 60
+
+
+def test_incomplete_explicit_settings_are_rejected_with_one_line():
+    with pytest.raises(distributed.DistributedError, match="needs all of --coordinator_address"):
+        distributed.initialize("127.0.0.1:1234", 2, None)
+    with pytest.raises(distributed.DistributedError, match="process_id < num_processes"):
+        distributed.initialize("127.0.0.1:1234", 2, 2)
+    with pytest.raises(distributed.DistributedError, match="not HOST:PORT"):
+        distributed.initialize("localhost", 2, 0)
+
+
+def test_single_process_is_a_no_op(monkeypatch):
+    for name in ("SLURM_JOB_ID", "SLURM_NTASKS", distributed.ENV_MODE, distributed.ENV_COORDINATOR):
+        monkeypatch.delenv(name, raising=False)
+    distributed.initialize()  # must not start a coordinator or touch the backend
+    assert not __import__("jax").distributed.is_initialized()
