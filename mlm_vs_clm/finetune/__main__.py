@@ -1,0 +1,94 @@
+"""`python -m mlm_vs_clm.finetune --config=configs/finetune.py:SUITE --config.checkpoint=PATH --workdir=DIR`
+
+Fine-tunes every checkpoint on every task of the suite over the learning-rate x seed grid and
+writes DIR/results.json, DIR/results.md and DIR/scores.png; rerunning skips finished runs.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Fine-tuning config: configs/finetune.py:SUITE[,quick].")
+flags.DEFINE_string("workdir", None, "Output folder (results.json, results.md, scores.png).")
+
+
+def _loader(path: str):
+    def load():
+        from mlm_vs_clm.checkpoint import load_checkpoint
+        from mlm_vs_clm.model import ModelConfig
+
+        m = load_checkpoint(path)
+        return ModelConfig.from_config(m.config.model), m.params, m.tokenizer
+
+    return load
+
+
+def _tasks(ft):
+    from mlm_vs_clm.finetune import grid, news, paper
+
+    if ft.suite == "news":
+        names = grid.task_names(ft, ("topic", "retrieval", "cloze_qa", "truecase"))
+        tasks = news.news_tasks(seed=ft.data.news_seed, names=names)
+        if ft.max_train_examples or ft.max_eval_examples:
+            for t in tasks:
+                for split, limit in (("train", ft.max_train_examples), ("validation", ft.max_eval_examples), ("test", ft.max_eval_examples)):
+                    if limit:
+                        t.splits[split] = t.splits[split][:limit]
+        return tasks
+    names = grid.task_names(ft, tuple(paper.SPECS))
+    return paper.paper_tasks(ft.data, names, ft.max_train_examples, ft.max_eval_examples)
+
+
+def main(argv) -> int:
+    del argv
+    from mlm_vs_clm.config import ConfigError
+    from mlm_vs_clm.finetune import grid, report
+
+    ft = FLAGS.config
+    if ft is None:
+        print("finetune: --config is required (e.g. --config=configs/finetune.py:news_quick)", file=sys.stderr)
+        return 2
+    if not FLAGS.workdir:
+        print("finetune: --workdir is required", file=sys.stderr)
+        return 2
+    try:
+        grid.validate(ft)
+        paths = grid.checkpoint_paths(ft)
+        if not paths:
+            raise ConfigError("config: checkpoint is empty (give --config.checkpoint=PATH or --config.checkpoints=A,B)")
+        missing = [p for p in paths if not os.path.exists(p)]
+        if missing:
+            raise ConfigError(f"config: checkpoint path(s) not found: {', '.join(missing)}")
+        tasks = _tasks(ft)
+    except (ConfigError, ValueError) as e:
+        print(f"finetune: {e}", file=sys.stderr)
+        return 2
+    checkpoints = [grid.Checkpoint(p, _loader(p)) for p in paths]
+    progress = None
+    if ft.progress:
+        from tqdm import tqdm
+
+        progress = lambda **kw: tqdm(desc="finetune", unit="run", **kw)  # noqa: E731
+    os.makedirs(FLAGS.workdir, exist_ok=True)
+    try:
+        runs = grid.run_grid(ft, checkpoints, tasks, FLAGS.workdir, progress=progress)
+    except ValueError as e:
+        print(f"finetune: {e}", file=sys.stderr)
+        return 1
+    table = report.write_reports(FLAGS.workdir, runs)
+    logging.info("finetune: %d runs in %s", len(runs), FLAGS.workdir)
+    print(table)
+    return 0
+
+
+def run() -> None:
+    app.run(lambda argv: sys.exit(main(argv)))
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,152 @@
+"""The evaluation grid: checkpoints x tasks x learning rates x seeds, resumable.
+
+Every finished run is appended to DIR/results.json at once (keyed by task, checkpoint,
+learning rate and seed); a rerun skips the keys it finds there. A checkpoint is loaded only
+if one of its runs is still missing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable
+
+import jax
+from absl import logging
+
+from mlm_vs_clm import sharding
+from mlm_vs_clm.config import ConfigError
+from mlm_vs_clm.finetune import heads, report, runner
+from mlm_vs_clm.finetune.tasks import featurize
+from mlm_vs_clm.model import MASK_MODES, ModelConfig
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    """A named checkpoint; `load()` -> (ModelConfig, params with an 'encoder' subtree, tokenizer)."""
+
+    name: str
+    load: Callable
+
+
+def checkpoint_paths(ft) -> list:
+    paths = [ft.checkpoint] if ft.checkpoint else []
+    extra = ft.checkpoints
+    if isinstance(extra, str):
+        extra = extra.split(",")
+    paths += [p.strip() for p in extra if p and p.strip() and p.strip() not in paths]
+    return paths
+
+
+def _number_list(ft, key, cast):
+    value = ft[key]
+    if isinstance(value, str):
+        value = [v for v in value.split(",") if v.strip()]
+    elif not isinstance(value, (list, tuple)):
+        value = [value]
+    try:
+        out = [cast(v) for v in value]
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"config: {key} must be a list of numbers, got {ft[key]!r}") from e
+    if not out:
+        raise ConfigError(f"config: {key} is empty")
+    return out
+
+
+def validate(ft) -> None:
+    """Raise ConfigError (one line naming the key) for an invalid fine-tuning config."""
+    ft.learning_rates = tuple(_number_list(ft, "learning_rates", float))
+    ft.seeds = tuple(_number_list(ft, "seeds", int))
+    if any(lr <= 0 for lr in ft.learning_rates):
+        raise ConfigError(f"config: learning_rates must be positive, got {ft.learning_rates}")
+    for key in ("batch_size", "eval_batch_size", "steps", "eval_every", "max_len", "query_max_len", "max_answer_tokens"):
+        if int(ft[key]) <= 0:
+            raise ConfigError(f"config: {key} must be positive, got {ft[key]}")
+    for key in ("token_classification_epochs", "max_eval_examples", "max_train_examples", "chance_margin"):
+        if ft[key] < 0:
+            raise ConfigError(f"config: {key} must be >= 0, got {ft[key]}")
+    if ft.attention not in MASK_MODES:
+        raise ConfigError(f"config: attention must be one of {MASK_MODES}, got {ft.attention!r}")
+    if ft.pooling not in heads.POOLINGS:
+        raise ConfigError(f"config: pooling must be one of {heads.POOLINGS}, got {ft.pooling!r}")
+    if not 0.0 <= ft.warmup_fraction < 1.0:
+        raise ConfigError(f"config: warmup_fraction must be in [0, 1), got {ft.warmup_fraction}")
+    if ft.retrieval_temperature <= 0:
+        raise ConfigError(f"config: retrieval_temperature must be positive, got {ft.retrieval_temperature}")
+    if ft.dtype not in ("", "float32", "bfloat16"):
+        raise ConfigError(f"config: dtype must be '', 'float32' or 'bfloat16', got {ft.dtype!r}")
+    try:
+        mesh_sizes = sharding.mesh_shape(ft.mesh, jax.device_count())
+    except ValueError as e:
+        raise ConfigError(f"config: {e}") from e
+    dp = mesh_sizes[0] * mesh_sizes[1]
+    for key in ("batch_size", "eval_batch_size"):
+        if ft[key] % dp:
+            raise ConfigError(f"config: {key}={ft[key]} is not divisible by the {dp} data-parallel devices (mesh)")
+
+
+def task_names(ft, known) -> list:
+    names = [n.strip() for n in str(ft.tasks).split(",") if n.strip()] or list(known)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ConfigError(f"config: tasks has unknown task(s) {unknown} for suite {ft.suite} (one of {list(known)})")
+    return names
+
+
+def _with_dtype(model_cfg: ModelConfig, dtype: str) -> ModelConfig:
+    return dataclasses.replace(model_cfg, dtype=dtype) if dtype else model_cfg
+
+
+def run_grid(ft, checkpoints: list, tasks: list, workdir: str, mesh=None, progress=None) -> list:
+    """Run every missing (task, checkpoint, lr, seed) and return all runs of the grid."""
+    mesh = mesh or sharding.make_mesh(ft.mesh)
+    runs = report.load_runs(workdir)
+    done = {report.run_key(r["task"], r["checkpoint"], r["lr"], r["seed"]) for r in runs}
+    grid = [(t, c, lr, s) for c in checkpoints for t in tasks for lr in ft.learning_rates for s in ft.seeds]
+    missing = [g for g in grid if report.run_key(g[0].name, g[1].name, g[2], g[3]) not in done]
+    bar = progress(total=len(grid), initial=len(grid) - len(missing)) if progress else None
+    config_json = ft.to_dict()
+    for ckpt in checkpoints:
+        todo = [g for g in missing if g[1] is ckpt]
+        if not todo:
+            continue
+        model_cfg, params, tokenizer = ckpt.load()
+        if tokenizer is None:
+            raise ValueError(f"checkpoint {ckpt.name}: no tokenizer saved with it; fine-tuning needs one")
+        model_cfg = _with_dtype(model_cfg, ft.dtype)
+        for task in tasks:
+            task_todo = [g for g in todo if g[0] is task]
+            if not task_todo:
+                continue
+            t0 = time.time()
+            features = featurize(task, tokenizer, ft.max_len, ft.query_max_len)
+            setup = runner.build(model_cfg, task, ft, mesh)
+            encoder = runner.place_encoder(setup, params["encoder"])
+            logging.info("finetune: %s on %s featurised in %.1fs", task.name, ckpt.name, time.time() - t0)
+            for _, _, lr, seed in task_todo:
+                result = runner.run(setup, encoder, task, features, lr, seed)
+                runs.append(
+                    {
+                        "task": task.name,
+                        "checkpoint": ckpt.name,
+                        "lr": lr,
+                        "seed": seed,
+                        "metric": task.metric,
+                        "best_validation": result.best_validation,
+                        "best_step": result.best_step,
+                        "test": result.test,
+                        "test_metrics": result.test_metrics,
+                        "diverged": result.diverged,
+                        "reason": result.reason,
+                        "history": result.history,
+                    }
+                )
+                report.save_runs(workdir, runs, config_json)
+                if bar is not None:
+                    bar.set_postfix_str(f"{task.name} lr={lr:g} seed={seed} -> {result.test if result.test is None else round(result.test, 2)}")
+                    bar.update(1)
+            del encoder
+    if bar is not None:
+        bar.close()
+    in_grid = {report.run_key(t.name, c.name, lr, s) for t, c, lr, s in grid}
+    return [r for r in runs if report.run_key(r["task"], r["checkpoint"], r["lr"], r["seed"]) in in_grid]
