@@ -19,6 +19,7 @@ from mlm_vs_clm.schedules import Objective
 from mlm_vs_clm.train_state import Setup, TrainState
 
 MASK_STREAM = 1  # fold_in constant that separates MLM mask draws from other randomness
+EVAL_MASK_SEED = 20250701  # validation masks: the same for every run
 
 
 def mask_rng(seed: int, step):
@@ -102,8 +103,9 @@ def train_step(setup: Setup, objective: Objective, state: TrainState, batch) -> 
 
 
 def eval_step(setup: Setup, objective: Objective, params, batch, step_for_masks) -> objectives.LossSums:
-    """Loss sums of `objective` on `batch` (masks drawn from a fixed evaluation stream)."""
-    rng = jax.random.fold_in(mask_rng(setup.config.seed + 1, 0), step_for_masks)
+    """Loss sums of `objective` on `batch`. Validation masks come from a fixed stream that does
+    not depend on the run's seed, so every run is scored on the same masked tokens."""
+    rng = jax.random.fold_in(jax.random.PRNGKey(EVAL_MASK_SEED), step_for_masks)
     return _loss_sums(setup, objective, params, batch, rng)
 
 

@@ -1,0 +1,278 @@
+"""Checkpoints: orbax CheckpointManager under RUN/checkpoints/ with three items per step:
+`state` (the TrainState), `data` (the grain iterator state) and `config` (JSON).
+
+Also the read side that other tools use: `load_checkpoint(PATH)` for a trained model and
+`load_params(PATH, target)` for `init_from` (CLM -> MLM continuation).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from typing import Any
+
+import flax.linen as nn
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+
+from mlm_vs_clm.model import LanguageModel, ModelConfig
+
+CKPT_DIR = "checkpoints"
+CORRUPT_DIR = "checkpoints_corrupt"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used; the message names it and the reason."""
+
+
+def _config_dict(config) -> dict:
+    return json.loads(config.to_json()) if hasattr(config, "to_json") else dict(config)
+
+
+def config_from_dict(d: dict) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(d)
+
+
+class Checkpointer:
+    """Saves and restores one run's checkpoints (every process calls every method)."""
+
+    def __init__(self, workdir: str, keep: int = 3, keep_steps=(), async_save: bool = True):
+        self.workdir = workdir
+        self.directory = os.path.join(os.path.abspath(workdir), CKPT_DIR)
+        policies = [ocp.checkpoint_managers.LatestN(n=max(1, keep))]
+        if keep_steps:
+            policies.append(ocp.checkpoint_managers.CustomSteps(steps=[int(s) for s in keep_steps]))
+        options = ocp.CheckpointManagerOptions(
+            create=True,
+            enable_async_checkpointing=async_save,
+            preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+        )
+        self.manager = self._new_manager(options)
+        self._options = options
+
+    def _new_manager(self, options):
+        return ocp.CheckpointManager(self.directory, options=options)
+
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def save(self, step: int, state, data_iter=None, config=None, force: bool = False) -> bool:
+        """Start an (asynchronous) save of `state` at `step`; a non-finite state is refused."""
+        if not bool(jax.jit(_all_finite)(state.params)):
+            raise CheckpointError(f"refusing to save step {step}: the parameters are not finite")
+        items = {"state": ocp.args.StandardSave(state)}
+        if data_iter is not None and hasattr(data_iter, "get_state"):
+            items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+        if config is not None:
+            items["config"] = ocp.args.JsonSave(_config_dict(config))
+        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+    def wait(self):
+        self.manager.wait_until_finished()
+
+    def close(self):
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+    def restore_latest(self, abstract_state, data_iter=None):
+        """(step, state) from the newest checkpoint that restores; (None, None) if there is none.
+
+        A checkpoint that fails to restore (killed mid-write, truncated or corrupt file) is
+        moved aside to RUN/checkpoints_corrupt/ with a warning naming it, and the previous
+        one is tried. Nothing is deleted.
+        """
+        for step in reversed(self.steps()):
+            items = {"state": ocp.args.StandardRestore(abstract_state)}
+            has_data = os.path.isdir(os.path.join(self.directory, str(step), "data"))
+            if data_iter is not None and hasattr(data_iter, "set_state") and has_data:
+                items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+            try:
+                restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+                state = restored["state"]
+                if not bool(jax.jit(_all_finite)(state.params)):
+                    raise CheckpointError("non-finite parameters")
+                return step, state
+            except Exception as e:  # noqa: BLE001 - any failure means: not usable
+                self._move_aside(step, e)
+        return None, None
+
+    def _move_aside(self, step: int, error: Exception):
+        src = os.path.join(self.directory, str(step))
+        dst_root = os.path.join(os.path.dirname(self.directory), CORRUPT_DIR)
+        dst = os.path.join(dst_root, f"{step}-{int(time.time())}")
+        logging.warning(
+            "checkpoint %s cannot be restored (%s: %s); moved to %s, using the previous one",
+            src, type(error).__name__, str(error).splitlines()[0][:200] if str(error) else "", dst,
+        )
+        print(f"warning: checkpoint {src} is unusable ({type(error).__name__}); moved to {dst}", flush=True)
+        if jax.process_index() == 0:
+            os.makedirs(dst_root, exist_ok=True)
+            shutil.move(src, dst)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"move_aside_{step}")
+        self.manager.close()
+        self.manager = self._new_manager(self._options)
+
+
+def _all_finite(tree):
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+# ---------------------------------------------------------------------------- read side
+
+
+def resolve_step_dir(path: str) -> str:
+    """A run directory (its newest step), a checkpoints/ directory, or a step directory."""
+    path = os.path.abspath(path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint path {path} does not exist")
+    if os.path.isdir(os.path.join(path, "state")):
+        return path
+    root = os.path.join(path, CKPT_DIR) if os.path.isdir(os.path.join(path, CKPT_DIR)) else path
+    steps = sorted(int(d) for d in os.listdir(root) if d.isdigit() and os.path.isdir(os.path.join(root, d, "state")))
+    if not steps:
+        raise CheckpointError(f"no checkpoint found under {path}")
+    return os.path.join(root, str(steps[-1]))
+
+
+def run_dir_of(step_dir: str) -> str:
+    return os.path.dirname(os.path.dirname(step_dir))
+
+
+def read_config(step_dir: str) -> ml_collections.ConfigDict:
+    for candidate in (os.path.join(step_dir, "config", "metadata"), os.path.join(run_dir_of(step_dir), "config.json")):
+        if os.path.isfile(candidate):
+            with open(candidate) as f:
+                return config_from_dict(json.load(f))
+    raise CheckpointError(f"checkpoint {step_dir} has no config (config/metadata or ../../config.json)")
+
+
+def load_params(path: str, target_params) -> tuple[Any, list[str]]:
+    """Restore parameters from a checkpoint onto `target_params` (abstract, with shardings).
+
+    Returns (params, names missing from the checkpoint). Shape or dtype mismatches raise a
+    CheckpointError listing every offending name.
+    """
+    step_dir = resolve_step_dir(path)
+    state_dir = os.path.join(step_dir, "state")
+    meta = ocp.PyTreeCheckpointer().metadata(state_dir)
+    tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
+    if "params" not in tree:
+        raise CheckpointError(f"checkpoint {step_dir} has no 'params' in its state")
+    saved = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree["params"])[0]}
+    wanted = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(target_params)[0]}
+    missing = sorted(set(wanted) - set(saved))
+    wrong = [
+        f"{k} (checkpoint {tuple(saved[k].shape)}, model {tuple(wanted[k].shape)})"
+        for k in sorted(set(wanted) & set(saved))
+        if tuple(saved[k].shape) != tuple(wanted[k].shape)
+    ]
+    if wrong:
+        raise CheckpointError(f"checkpoint {step_dir} does not fit the model: " + "; ".join(wrong))
+    present = _subtree(target_params, set(saved))
+    restore_args = ocp.checkpoint_utils.construct_restore_args({"params": present})
+    restored = ocp.PyTreeCheckpointer().restore(
+        state_dir,
+        args=ocp.args.PyTreeRestore(item={"params": present}, restore_args=restore_args, partial_restore=True),
+    )
+    return restored["params"], missing
+
+
+def _subtree(tree, keep_keys: set[str]):
+    """The part of a nested dict whose leaf key strings are in keep_keys."""
+
+    def walk(node, prefix):
+        if isinstance(node, dict):
+            out = {}
+            for k, v in node.items():
+                sub = walk(v, prefix + f"['{k}']")
+                if sub is not None:
+                    out[k] = sub
+            return out or None
+        return node if prefix in keep_keys else None
+
+    return walk(tree, "") or {}
+
+
+def save_params_checkpoint(path: str, config, params, tokenizer=None) -> str:
+    """Write a params-only checkpoint (e.g. an imported model) as a run directory at `path`:
+    PATH/checkpoints/0/{state,config}, PATH/config.json and PATH/tokenizer/."""
+    os.makedirs(path, exist_ok=True)
+    ckpt = Checkpointer(path, keep=1, async_save=False)
+    if ckpt.steps():
+        raise CheckpointError(f"{path} already holds checkpoints; choose a new output directory")
+    state = {"step": np.zeros((), np.int32), "params": params}
+    items = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(_config_dict(config))}
+    ckpt.manager.save(0, args=ocp.args.Composite(**items))
+    ckpt.close()
+    with open(os.path.join(path, "config.json"), "w") as f:
+        f.write(config.to_json(indent=2))
+    if tokenizer is not None:
+        tokenizer.save(os.path.join(path, "tokenizer"))
+    return os.path.join(path, CKPT_DIR, "0")
+
+
+class TrainedModel:
+    """A trained model on one device: `tokenizer`, `params`, `config`, `logits`, `hidden`."""
+
+    def __init__(self, config, params, tokenizer, step_dir):
+        self.config = config
+        self.params = params
+        self.tokenizer = tokenizer
+        self.step_dir = step_dir
+        self.model_config = ModelConfig.from_config(config.model)
+        self.model = LanguageModel(self.model_config)
+        self._apply = jax.jit(self._forward, static_argnames=("mask_mode", "hidden"))
+
+    def _forward(self, params, tokens, segment_ids, positions, mask_mode, hidden):
+        method = self.model.encode if hidden else self.model.__call__
+        out = self.model.apply({"params": params}, tokens, segment_ids, positions, mask_mode, method=method)
+        return out.astype(jnp.float32)
+
+    def _inputs(self, tokens_BxL):
+        tokens = np.asarray(tokens_BxL, np.int32)
+        if tokens.ndim == 1:
+            tokens = tokens[None]
+        B, L = tokens.shape
+        return tokens, np.ones((B, L), np.int32), np.broadcast_to(np.arange(L, dtype=np.int32), (B, L))
+
+    def logits(self, tokens_BxL, mask_mode: str = "bidirectional") -> np.ndarray:
+        """float32 [B, L, vocab]; every row is one full segment (no padding)."""
+        return np.asarray(self._apply(self.params, *self._inputs(tokens_BxL), mask_mode=mask_mode, hidden=False))
+
+    def hidden(self, tokens_BxL, mask_mode: str = "bidirectional") -> np.ndarray:
+        """float32 [B, L, hidden]: the encoder's final hidden states."""
+        return np.asarray(self._apply(self.params, *self._inputs(tokens_BxL), mask_mode=mask_mode, hidden=True))
+
+
+def load_checkpoint(path: str) -> TrainedModel:
+    """A run directory (newest step) or a step directory -> TrainedModel on one device."""
+    step_dir = resolve_step_dir(path)
+    config = read_config(step_dir)
+    model_cfg = ModelConfig.from_config(config.model)
+    from mlm_vs_clm.model import init_params
+
+    device = jax.devices()[0]
+    single = jax.sharding.SingleDeviceSharding(device)
+    abstract = nn.meta.unbox(jax.eval_shape(lambda r: init_params(model_cfg, r), jax.random.PRNGKey(0)))
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=single), abstract)
+    params, missing = load_params(step_dir, target)
+    if missing:
+        raise CheckpointError(f"checkpoint {step_dir} lacks parameters: {', '.join(missing)}")
+    tokenizer = None
+    tok_dir = os.path.join(run_dir_of(step_dir), "tokenizer")
+    if os.path.isdir(tok_dir):
+        from mlm_vs_clm.data.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(tok_dir)
+    return TrainedModel(config, params, tokenizer, step_dir)

@@ -1,0 +1,230 @@
+"""Pretraining: `python -m mlm_vs_clm.train --config=configs/pretrain.py:tiny,clm50_mlm40 --workdir=DIR`.
+
+Start-up order: resume from DIR's newest valid checkpoint, else `init_from` (parameters of
+another run: CLM -> MLM continuation), else from scratch. Running the same command again
+resumes. SIGTERM saves a checkpoint at the current step and exits 0.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from mlm_vs_clm import checkpoint as ckpt_lib
+from mlm_vs_clm import logs, sharding, step as step_lib, train_state
+from mlm_vs_clm.config import ConfigError
+from mlm_vs_clm.validate import validate
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/pretrain.py:tiny,clm50_mlm40.")
+flags.DEFINE_string("workdir", None, "Run directory: metrics, checkpoints, TensorBoard events.")
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag that the loop checks after each step."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+
+def _to_global(batch_np: dict, mesh) -> dict:
+    s = sharding.batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(s, np.asarray(v)) for k, v in batch_np.items()}
+
+
+def initial_state(setup, checkpointer, data_iter, config):
+    """(state, start_step, how): resume, else init_from, else scratch."""
+    step, state = checkpointer.restore_latest(setup.abstract_state, data_iter)
+    if state is not None:
+        return state, step, f"resumed from step {step}"
+    if config.init_from:
+        params, missing = ckpt_lib.load_params(config.init_from, setup.abstract_state.params)
+        if missing and not config.init_from_allow_missing:
+            raise ckpt_lib.CheckpointError(
+                f"init_from {config.init_from} lacks parameters: {', '.join(missing)} "
+                "(set init_from_allow_missing=True to initialise them fresh)"
+            )
+        if missing:
+            fresh = train_state.init_state(setup, config.seed).params
+            flat_fresh = dict(jax.tree_util.tree_flatten_with_path(fresh)[0])
+            params = _fill_missing(params, fresh, flat_fresh)
+            logging.warning("init_from: freshly initialised %s", ", ".join(missing))
+            print(f"init_from: freshly initialised {', '.join(missing)}")
+        return train_state.fresh_state_from_params(setup, params), 0, f"initialised from {config.init_from}"
+    return train_state.init_state(setup, config.seed), 0, "started from scratch"
+
+
+def _fill_missing(partial, fresh, _flat):
+    if isinstance(fresh, dict):
+        return {k: _fill_missing((partial or {}).get(k), v, _flat) for k, v in fresh.items()}
+    return fresh if partial is None else partial
+
+
+def evaluate(setup, params, val_batches, config) -> dict:
+    """val_{mlm,clm}_{loss,accuracy} on the fixed validation rows, whatever the objective."""
+    from mlm_vs_clm.schedules import Objective
+
+    out = {}
+    for name, obj in (("mlm", Objective("mlm", config.mlm.mask_ratio)), ("clm", Objective("clm"))):
+        fn = step_lib.compiled_eval_step(setup, obj)
+        loss = correct = count = 0.0
+        for i, b in enumerate(val_batches):
+            sums = jax.device_get(fn(params, b, np.int32(i)))
+            loss, correct, count = loss + float(sums.loss), correct + float(sums.correct), count + float(sums.count)
+        out[f"val_{name}_loss"] = loss / max(count, 1.0)
+        out[f"val_{name}_accuracy"] = correct / max(count, 1.0)
+    return out
+
+
+def train(config, workdir: str, devices=None) -> dict:
+    """Runs (or resumes) one pretraining run on `devices` (default: all); returns the last record."""
+    from mlm_vs_clm.data import pipeline
+
+    devices = list(devices) if devices is not None else jax.devices()
+    validate(config, len(devices))
+    os.makedirs(workdir, exist_ok=True)
+    tokenizer = pipeline.prepare_tokenizer(config, workdir)
+    _apply_tokenizer(config, tokenizer)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json(indent=2))
+
+    mesh = sharding.make_mesh(config.mesh, devices)
+    setup = train_state.build(config, mesh)
+    data_iter = pipeline.train_iterator(config, tokenizer, jax.process_index(), jax.process_count())
+    val_batches = [_to_global(b, mesh) for b in pipeline.validation_batches(config, tokenizer, config.train.eval_batches)]
+    t = config.train
+    checkpointer = ckpt_lib.Checkpointer(workdir, keep=t.keep, keep_steps=tuple(t.keep_steps))
+    state, start, how = initial_state(setup, checkpointer, data_iter, config)
+    print(f"{how}; {t.steps} steps of {t.batch_size}x{t.seq_len} tokens, objective {config.objective}, "
+          f"mesh {dict(mesh.shape)}", flush=True)
+    writer = logs.MetricsWriter(workdir, start, t.steps, progress=t.progress)
+    preemption = _Preemption()
+    tokens_per_step = t.batch_size * t.seq_len
+    pending, last, t_last, tokens_seen = None, {}, time.time(), start * tokens_per_step
+
+    def flush(pending):
+        nonlocal t_last, last
+        step, obj, metrics = pending
+        m = jax.device_get(metrics)
+        if int(m["bad_steps"]) >= t.max_bad_steps:
+            raise TrainingError(
+                f"{int(m['bad_steps'])} consecutive non-finite steps at step {step} (train.max_bad_steps="
+                f"{t.max_bad_steps}); the last good checkpoint is kept under {checkpointer.directory}"
+            )
+        if step % t.log_every == 0 or step == t.steps:
+            now = time.time()
+            steps_done = t.log_every if step % t.log_every == 0 else step % t.log_every
+            record = {"step": step, "objective": obj.name, "loss": float(m["loss"]), "accuracy": float(m["accuracy"]),
+                      "learning_rate": float(m["learning_rate"]), "grad_norm": float(m["grad_norm"]),
+                      "tokens_per_second": steps_done * tokens_per_step / max(now - t_last, 1e-9),
+                      "tokens_seen": step * tokens_per_step, "skipped_steps": int(m["skipped_steps"])}
+            t_last = now
+            writer.write(record)
+            writer.progress(step, obj=obj.name, loss=f"{record['loss']:.3f}",
+                            tok_s=f"{record['tokens_per_second']:.0f}")
+            last = record
+
+    try:
+        for step in range(start, t.steps):
+            objective = setup.objective_schedule(step)
+            batch = _to_global(next(data_iter), mesh)
+            state, metrics = step_lib.compiled_train_step(setup, objective)(state, batch)
+            if pending is not None:
+                flush(pending)  # the previous step's metrics, read while this step runs
+            pending = (step + 1, objective, metrics)
+            done = step + 1
+            if done % t.eval_every == 0 or done == t.steps:
+                flush(pending)
+                pending = None
+                record = {"step": done, **evaluate(setup, state.params, val_batches, config)}
+                writer.write(record)
+                last = {**last, **record}
+            if done % t.checkpoint_every == 0 or done == t.steps or preemption.requested or done in t.keep_steps:
+                if pending is not None:
+                    flush(pending)
+                    pending = None
+                checkpointer.save(done, state, data_iter, config, force=True)
+            if preemption.requested:
+                checkpointer.wait()
+                print(f"preempted: checkpoint saved at step {done}", flush=True)
+                break
+        if pending is not None:
+            flush(pending)
+    finally:  # pending asynchronous saves complete even when the run stops on an error
+        checkpointer.close()
+        writer.close()
+    tokens_seen = int(state.step) * tokens_per_step
+    summary = {k: last[k] for k in ("loss", "val_mlm_loss", "val_clm_loss") if k in last}
+    print(f"done: step {int(state.step)}, {tokens_seen:,} tokens, "
+          + ", ".join(f"{k} {v:.4f}" for k, v in summary.items()) + f"; checkpoints in {checkpointer.directory}",
+          flush=True)
+    return last
+
+
+def _apply_tokenizer(config, tokenizer):
+    """The model's vocabulary and special ids come from the tokenizer."""
+    if tokenizer is None:
+        return
+    if tokenizer.vocab_size > config.model.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size: {config.model.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}"
+        )
+    if tokenizer.mask_id is None:
+        raise ConfigError("data.tokenizer: the tokenizer has no mask token")
+    config.tokens.pad_id = tokenizer.pad_id
+    config.tokens.mask_id = tokenizer.mask_id
+    config.tokens.special_ids = tuple(int(i) for i in tokenizer.special_ids)
+
+
+def _parse_flags(argv):
+    try:
+        return FLAGS(argv)
+    except Exception as e:  # noqa: BLE001 - a bad flag or config: one line, exit 2
+        msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        print(f"error: {msg}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main(argv):
+    del argv
+    if not FLAGS.is_parsed() or FLAGS["verbosity"].using_default_value:
+        logging.set_verbosity(logging.WARNING)  # library INFO chatter off unless asked for
+    if FLAGS.config is None or not FLAGS.workdir:
+        print("error: --config and --workdir are required", file=sys.stderr)
+        sys.exit(2)
+    from mlm_vs_clm.data.sources import SourceError
+    from mlm_vs_clm.data.tokenizer import TokenizerError
+
+    try:
+        train(FLAGS.config, FLAGS.workdir)
+    except (ConfigError, SourceError, TokenizerError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except (ckpt_lib.CheckpointError, TrainingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+def run():
+    app.run(main, flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+    run()

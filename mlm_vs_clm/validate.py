@@ -1,0 +1,63 @@
+"""Config validation before anything is compiled: one ConfigError naming the key and reason."""
+
+from __future__ import annotations
+
+import os
+
+from mlm_vs_clm import schedules, sharding
+from mlm_vs_clm.config import ConfigError
+from mlm_vs_clm.model import REMAT_POLICIES
+
+
+def _require(cond: bool, key: str, reason: str):
+    if not cond:
+        raise ConfigError(f"{key}: {reason}")
+
+
+def validate(config, num_devices: int) -> None:
+    m, t, o = config.model, config.train, config.optimizer
+    for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_size"):
+        _require(int(m[key]) > 0, f"model.{key}", f"must be positive, got {m[key]}")
+    _require(m.hidden_size % m.num_heads == 0, "model.num_heads",
+             f"{m.num_heads} heads do not divide hidden_size {m.hidden_size}")
+    _require(m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads",
+             f"{m.num_kv_heads} kv heads do not divide num_heads {m.num_heads}")
+    _require((m.hidden_size // m.num_heads) % 2 == 0, "model.hidden_size", "head dimension must be even (rotary)")
+    _require(m.remat_policy in REMAT_POLICIES, "model.remat_policy",
+             f"unknown policy {m.remat_policy!r} (one of {', '.join(REMAT_POLICIES)})")
+    _require(m.dtype in ("float32", "bfloat16", "float16"), "model.dtype", f"unsupported dtype {m.dtype!r}")
+    _require(m.attention_impl in ("", "xla", "cudnn"), "model.attention_impl",
+             f"unknown implementation {m.attention_impl!r} ('', 'xla', 'cudnn')")
+    _require(0.0 < config.mlm.mask_ratio < 1.0, "mlm.mask_ratio", f"must be in (0, 1), got {config.mlm.mask_ratio}")
+    _require(config.mlm.replacement in ("mask", "80_10_10"), "mlm.replacement",
+             f"unknown policy {config.mlm.replacement!r} ('mask' or '80_10_10')")
+    _require(t.steps > 0, "train.steps", f"must be positive, got {t.steps}")
+    _require(t.seq_len > 1, "train.seq_len", f"must be > 1, got {t.seq_len}")
+    _require(t.grad_accum_steps >= 1, "train.grad_accum_steps", "must be >= 1")
+    for key in ("log_every", "eval_every", "checkpoint_every"):
+        _require(int(t[key]) > 0, f"train.{key}", f"must be positive, got {t[key]}")
+    _require(o.schedule in ("wsd", "cosine", "constant"), "optimizer.schedule",
+             f"unknown schedule {o.schedule!r} (wsd, cosine, constant)")
+    _require(o.learning_rate > 0, "optimizer.learning_rate", "must be positive")
+    _require(0 <= o.warmup_fraction < 1 and 0 <= o.decay_fraction <= 1, "optimizer.warmup_fraction",
+             "warmup and decay fractions must be in [0, 1)")
+    try:
+        schedules.objective_schedule(config.objective, t.steps, config.mlm.mask_ratio)
+    except ValueError as e:
+        raise ConfigError(str(e).replace("objective:", "objective:", 1)) from None
+    try:
+        shape = sharding.mesh_shape(config.mesh, num_devices)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    dp = shape[0] * shape[1]
+    _require(t.batch_size % (dp * t.grad_accum_steps) == 0, "train.batch_size",
+             f"{t.batch_size} is not divisible by data-parallel size {dp} x grad_accum_steps {t.grad_accum_steps}")
+    for key in ("num_kv_heads", "num_heads", "ffn_size", "vocab_size"):
+        _require(int(m[key]) % shape[2] == 0 or key == "vocab_size", f"model.{key}",
+                 f"{m[key]} is not divisible by mesh.tensor={shape[2]}")
+    tok = config.tokens
+    _require(0 <= tok.mask_id < m.vocab_size, "tokens.mask_id", f"{tok.mask_id} is outside the vocabulary")
+    if config.init_from:
+        _require(os.path.exists(config.init_from), "init_from", f"{config.init_from} does not exist")
+    for s in t.keep_steps:
+        _require(0 < int(s) <= t.steps, "train.keep_steps", f"step {s} is outside 1..{t.steps}")

@@ -1,0 +1,247 @@
+"""Checkpoints, exact resume, continuation, failure handling (train loop in-process and CLI)."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from mlm_vs_clm import checkpoint as ckpt_lib
+from mlm_vs_clm import sharding, train_state
+from mlm_vs_clm.config import ConfigError, load_config
+from mlm_vs_clm.data import pipeline
+from mlm_vs_clm.train import TrainingError, train
+from mlm_vs_clm.validate import validate
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    words = "the bank said shares rose while the team won its game and the minister spoke on the film".split()
+    for i in range(120):
+        (d / f"d{i}.txt").write_text(" ".join(rng.choice(words) for _ in range(rng.randint(10, 80))) + ".\n")
+    return str(d / "*.txt")
+
+
+def _config(corpus, objective="clm50_mlm40", **kw):
+    o = {"data.source": corpus, "data.tokenizer_vocab_size": 384, "model.vocab_size": 384,
+         "train.batch_size": 8, "train.seq_len": 32, "train.steps": 12, "train.log_every": 1,
+         "train.eval_every": 6, "train.checkpoint_every": 4, "train.eval_batches": 1, "train.progress": False,
+         "mesh.data": 1}
+    o.update(kw)
+    return load_config(f"configs/pretrain.py:tiny,{objective}", o)
+
+
+def _records(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(x) for x in f if x.strip()]
+
+
+def _params(workdir):
+    return jax.tree.map(np.asarray, ckpt_lib.load_checkpoint(workdir).params)
+
+
+def _cli(args, **kw):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "",
+           "JAX_COMPILATION_CACHE_DIR": os.path.join(REPO, ".cache", "jax")}
+    return subprocess.Popen([sys.executable, "-m", "mlm_vs_clm.train", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def _cli_flags(corpus, workdir, steps=12):
+    return [f"--config=configs/pretrain.py:tiny,clm50_mlm40", f"--workdir={workdir}",
+            f"--config.data.source={corpus}", "--config.data.tokenizer_vocab_size=384",
+            "--config.model.vocab_size=384", "--config.train.batch_size=8", "--config.train.seq_len=32",
+            f"--config.train.steps={steps}", "--config.train.log_every=1", "--config.train.eval_every=6",
+            "--config.train.checkpoint_every=4", "--config.train.eval_batches=1", "--config.train.progress=False"]
+
+
+@pytest.fixture(scope="module")
+def reference_run(corpus, tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("ref"))
+    train(_config(corpus), workdir, devices=jax.devices()[:1])
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def cli_reference_run(corpus, tmp_path_factory):
+    """The uninterrupted run, through the CLI like the interrupted one (same XLA environment)."""
+    workdir = str(tmp_path_factory.mktemp("cliref"))
+    out, err = _cli(_cli_flags(corpus, workdir)).communicate(timeout=300)
+    assert "done: step 12" in out, err[-2000:]
+    return workdir
+
+
+def test_kill9_then_resume_is_identical(corpus, cli_reference_run, tmp_path):
+    reference_run = cli_reference_run
+    workdir = str(tmp_path / "run")
+    proc = _cli(_cli_flags(corpus, workdir))
+    kill_at = random.Random().randint(5, 10)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        path = os.path.join(workdir, "metrics.jsonl")
+        if os.path.exists(path) and any(r.get("step", 0) >= kill_at for r in _records(workdir)):
+            break
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    rerun = _cli(_cli_flags(corpus, workdir))
+    out, err = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, err[-2000:]
+    assert "resumed from step" in out
+    ref, got = _records(reference_run), _records(workdir)
+    assert [r["step"] for r in got] == [r["step"] for r in ref]
+    for a, b in zip(ref, got):
+        for k in ("loss", "val_mlm_loss", "val_clm_loss", "objective"):
+            assert a.get(k) == b.get(k), (a, b)
+    jax.tree.map(np.testing.assert_array_equal, _params(reference_run), _params(workdir))
+
+
+def test_sigterm_saves_the_current_step(corpus, tmp_path):
+    workdir = str(tmp_path / "run")
+    proc = _cli(_cli_flags(corpus, workdir, steps=400))
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        path = os.path.join(workdir, "metrics.jsonl")
+        if os.path.exists(path) and any(r.get("step", 0) >= 5 for r in _records(workdir)):
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert "preempted: checkpoint saved at step" in out
+    saved = int(out.split("preempted: checkpoint saved at step")[1].split()[0])
+    steps = ckpt_lib.Checkpointer(workdir).steps()
+    assert saved == max(steps) and saved < 400
+    model = ckpt_lib.load_checkpoint(os.path.join(workdir, "checkpoints", str(saved)))
+    assert np.isfinite(model.logits([[5, 6, 7]])).all()
+
+
+def test_truncated_newest_checkpoint_falls_back(corpus, reference_run, tmp_path):
+    import shutil
+
+    workdir = str(tmp_path / "run")
+    shutil.copytree(reference_run, workdir)
+    newest = os.path.join(workdir, "checkpoints", "12", "state")
+    biggest = max((os.path.join(r, f) for r, _, fs in os.walk(newest) for f in fs), key=os.path.getsize)
+    with open(biggest, "r+b") as f:
+        f.truncate(os.path.getsize(biggest) // 3)
+    config = _config(corpus)
+    setup = train_state.build(config, sharding.make_mesh(config.mesh, jax.devices()[:1]))
+    step, state = ckpt_lib.Checkpointer(workdir).restore_latest(setup.abstract_state)
+    assert step == 8 and int(state.step) == 8
+    assert os.listdir(os.path.join(workdir, "checkpoints_corrupt"))  # moved aside, not deleted
+    # and a rerun of the run resumes from 8 and reproduces the reference exactly
+    train(_config(corpus), workdir, devices=jax.devices()[:1])
+    jax.tree.map(np.testing.assert_array_equal, _params(reference_run), _params(workdir))
+
+
+def test_restore_on_another_mesh(corpus, reference_run):
+    for devices, mesh in ((8, (2, 2, 2)), (8, (8, 1, 1)), (1, (1, 1, 1))):
+        config = _config(corpus, **{"mesh.data": mesh[0], "mesh.fsdp": mesh[1], "mesh.tensor": mesh[2]})
+        setup = train_state.build(config, sharding.make_mesh(config.mesh, jax.devices()[:devices]))
+        step, state = ckpt_lib.Checkpointer(reference_run).restore_latest(setup.abstract_state)
+        assert step == 12
+        q = state.params["encoder"]["layers"]["q_proj"]["kernel"]
+        assert len(q.sharding.device_set) == devices
+        jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state.params), _params(reference_run))
+
+
+def test_init_from_clm_run_gives_fresh_optimizer(corpus, reference_run, tmp_path):
+    config = _config(corpus, "mlm40", init_from=reference_run, **{"train.steps": 2})
+    config.init_from = reference_run
+    setup = train_state.build(config, sharding.make_mesh(config.mesh, jax.devices()[:1]))
+    from mlm_vs_clm.train import initial_state
+
+    state, start, how = initial_state(setup, ckpt_lib.Checkpointer(str(tmp_path / "new")), None, config)
+    assert start == 0 and int(state.step) == 0 and "initialised from" in how
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state.params), _params(reference_run))
+    mu = state.opt_state[1][0].mu
+    assert all(float(np.abs(x).max()) == 0.0 for x in jax.tree.leaves(mu))
+
+
+def test_init_from_mismatch_is_a_clear_error(corpus, reference_run, tmp_path):
+    config = _config(corpus, "mlm40", **{"model.ffn_size": 96})
+    config.init_from = reference_run
+    setup = train_state.build(config, sharding.make_mesh(config.mesh, jax.devices()[:1]))
+    with pytest.raises(ckpt_lib.CheckpointError, match="gate_proj"):
+        ckpt_lib.load_params(reference_run, setup.abstract_state.params)
+
+
+def test_non_finite_steps_are_skipped_then_stop(corpus, tmp_path, monkeypatch):
+    """Batches with an out-of-range token give NaN losses from step 6 on."""
+    from mlm_vs_clm import train as train_mod
+
+    real, vocab, calls = train_mod._to_global, 384, []
+
+    def poisoned(batch, mesh):
+        if batch["tokens"].shape[0] == 8:  # training batches (validation batches are built first)
+            calls.append(1)
+            if len(calls) > 6:
+                batch = dict(batch, tokens=np.full_like(batch["tokens"], vocab + 50))
+        return real(batch, mesh)
+
+    monkeypatch.setattr(train_mod, "_to_global", poisoned)
+    workdir = str(tmp_path / "run")
+    config = _config(corpus, **{"train.steps": 40, "train.max_bad_steps": 3, "train.eval_every": 100, "train.eval_batches": 1})
+    with pytest.raises(TrainingError, match="consecutive non-finite"):
+        train(config, workdir, devices=jax.devices()[:1])
+    recs = _records(workdir)
+    assert recs[-1]["skipped_steps"] >= 1
+    assert max(ckpt_lib.Checkpointer(workdir).steps()) == 4  # the last checkpoint before the bad streak
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(_params(workdir)))
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("mlm.mask_ratio", 1.5, "mlm.mask_ratio"),
+    ("model.num_heads", 3, "model.num_heads"),
+    ("model.num_kv_heads", 3, "model.num_kv_heads"),
+    ("mesh.fsdp", 3, "mesh"),
+    ("train.batch_size", 7, "train.batch_size"),
+    ("objective", "clm+mlm40@500", "not before the end"),
+    ("objective", "bogus", "objective"),
+    ("init_from", "/nonexistent/run", "init_from"),
+])
+def test_invalid_configs_are_named(key, value, message):
+    config = load_config("configs/pretrain.py:tiny", {key: value, "train.batch_size": 8} if key != "train.batch_size"
+                         else {key: value, "mesh.data": 2})
+    with pytest.raises(ConfigError, match=message):
+        validate(config, 2 if key == "train.batch_size" else 1)
+
+
+@pytest.mark.parametrize("flags_,message", [
+    (["--config=configs/pretrain.py:huge"], "huge"),
+    (["--config=configs/pretrain.py:tiny", "--config.mlm.mask_ratio=0"], "mlm.mask_ratio"),
+    (["--config=configs/pretrain.py:tiny", "--config.no_such_key=1"], "no_such_key"),
+])
+def test_cli_rejects_bad_config_with_status_2(flags_, message, tmp_path):
+    proc = _cli([*flags_, f"--workdir={tmp_path}"])
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, err
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and message in lines[0], err
+    assert "Traceback" not in err
+
+
+def test_load_checkpoint_logits_match_training_model(reference_run):
+    from mlm_vs_clm.model import LanguageModel
+
+    m = ckpt_lib.load_checkpoint(reference_run)
+    assert m.tokenizer is not None and m.tokenizer.encode("the bank")
+    tokens = np.asarray([m.tokenizer.encode("the team won the game")], np.int32)
+    for mode in ("causal", "bidirectional"):
+        got = m.logits(tokens, mask_mode=mode)
+        L = tokens.shape[1]
+        ref = LanguageModel(m.model_config).apply(
+            {"params": m.params}, tokens, np.ones_like(tokens), np.arange(L)[None], mode)
+        np.testing.assert_allclose(got, np.asarray(ref, np.float32), atol=1e-5)
+        assert got.shape == (1, L, m.config.model.vocab_size) and got.dtype == np.float32
