@@ -1,0 +1,72 @@
+"""The ahead-of-time memory check compiles the 210m train step on virtual devices."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mlm_vs_clm import aot
+from mlm_vs_clm.config import load_config
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# 210m at a reduced batch and sequence so that compiling stays within seconds on a CPU.
+SMALL = {"train.batch_size": 8, "train.seq_len": 64}
+
+
+def _report(mesh):
+    config = load_config("configs/pretrain.py:210m", SMALL)
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = mesh
+    (report,) = aot.check(config, "mlm40")
+    return report
+
+
+def test_210m_memory_is_reported_and_shrinks_with_more_fsdp():
+    fsdp8, fsdp2 = _report((1, 8, 1)), _report((4, 2, 1))
+    for r in (fsdp8, fsdp2):
+        assert min(r.argument_bytes, r.output_bytes, r.temp_bytes) > 0 and r.code_bytes >= 0  # CPU: code 0
+        assert r.total_bytes > r.argument_bytes
+    # The fp32 params + two Adam moments of 210m (~310M values with the 128k-vocab head) sharded
+    # 8 ways: ~0.46 GB per device of arguments, ~4x that when sharded 2 ways.
+    assert 0.3e9 < fsdp8.argument_bytes < 0.7e9
+    assert fsdp2.argument_bytes > 3.5 * fsdp8.argument_bytes
+    assert fsdp8.total_bytes < fsdp2.total_bytes
+    assert (fsdp8.rows_per_device, fsdp2.rows_per_device) == (1, 1)
+
+
+def test_batch_that_does_not_split_over_the_mesh_is_rejected():
+    config = load_config("configs/pretrain.py:210m", {"train.batch_size": 12, "train.seq_len": 64})
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, 8, 1
+    with pytest.raises(ValueError, match="does not split into 8 data-parallel devices"):
+        aot.check(config, "clm")
+
+
+def test_cli_reports_the_verdict_and_exits_non_zero_when_it_does_not_fit(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    cmd = [
+        sys.executable, "-m", "mlm_vs_clm.aot", "--config=configs/pretrain.py:tiny", "--mesh=1x4x1",
+        "--objective=clm", "--device_memory_gib=0.001", f"--json={tmp_path / 'r.json'}",
+    ]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "clm: " in proc.stdout and "DOES NOT FIT" in proc.stdout
+    (row,) = json.loads((tmp_path / "r.json").read_text())["reports"]
+    assert row["mesh"] == [1, 4, 1] and row["total_bytes"] > 0
+
+    bad = subprocess.run(cmd[:4] + ["--mesh=1x4"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("aot: --mesh='1x4'")
+
+
+def test_mesh_layouts():
+    meshes = aot.mesh_layouts()
+    assert meshes.layout_shape("h100x8", 64) == (8, 8, 1)
+    assert meshes.layout_shape("tpu_v5p", 128) == (1, 128, 1)
+    assert meshes.layout_shape("tpu_v5p", 256, devices_per_node=128) == (2, 128, 1)
+    assert meshes.layout_shape("fsdp", 16) == (1, 16, 1) and meshes.layout_shape("data", 16) == (16, 1, 1)
+    config = meshes.apply_mesh_layout(load_config("configs/pretrain.py:1b"), "h100x8", 192)
+    assert (config.mesh.data, config.mesh.fsdp, config.mesh.tensor) == (24, 8, 1)  # 2304 / 192 = 12 rows each
+    with pytest.raises(ValueError, match="not a whole number of nodes"):
+        meshes.layout_shape("h100x8", 12)
+    with pytest.raises(ValueError, match="does not split into 512"):
+        meshes.apply_mesh_layout(load_config("configs/pretrain.py:1b"), "tpu_v4", 512)
