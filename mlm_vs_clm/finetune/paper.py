@@ -34,7 +34,9 @@ def _glue(fields):
 
 
 def _conll(row):
-    return {"words": [_text(w) for w in row["tokens"]], "tags": [CONLL_TAGS[int(t)] for t in row["ner"]]}
+    words, tags = list(row["tokens"]), list(row["ner"])
+    n = min(len(words), len(tags))  # equal in the real data; mock data draws them separately
+    return {"words": [_text(w) for w in words[:n]], "tags": [CONLL_TAGS[int(t)] for t in tags[:n]]}
 
 
 def _squad(row):
@@ -65,6 +67,8 @@ SPECS = {
     "squad_v2": ("qa", (), "squad/v2.0", "train", "validation", _squad),
     "msmarco": ("retrieval", (), None, None, None, None),
 }
+# Builders that TFDS registers only when their module is imported.
+TFDS_MODULES = {"glue": "tensorflow_datasets.text.glue", "conll2003": "tensorflow_datasets.text.conll2003"}
 # TFDS splits used as our validation split where the dataset has a labelled one.
 TFDS_VALIDATION = {"conll2003": "dev"}
 
@@ -103,8 +107,13 @@ def load_task(name: str, data_cfg, max_train: int = 0, max_eval: int = 0) -> Tas
     elif tfds_name is None:
         raise ValueError(f"data: task {name} is read from local files only; put them under data.local_dir/{name}/")
     else:
+        import importlib
+
         import tensorflow_datasets as tfds
 
+        module = TFDS_MODULES.get(tfds_name.split("/")[0])
+        if module:
+            importlib.import_module(module)
         kwargs = {"data_dir": data_cfg.tfds_data_dir} if data_cfg.tfds_data_dir else {}
         try:
             train_src = tfds.data_source(tfds_name, split=train_split, **kwargs)
@@ -116,9 +125,10 @@ def load_task(name: str, data_cfg, max_train: int = 0, max_eval: int = 0) -> Tas
                 f"set data.local_dir to a folder with {name}/train.jsonl etc."
             ) from e
         if val_src is None:
-            rows = [(i, train_src[i]) for i in range(len(train_src))]
-            train_rows = [convert(r) for i, r in rows if not _held_out(i)]
-            val_rows = [convert(r) for i, r in rows if _held_out(i)]
+            n = len(train_src)
+            held = {i for i in range(n) if _held_out(i)} or {n - 1}  # tiny sets: at least one row
+            train_rows = [convert(train_src[i]) for i in range(n) if i not in held]
+            val_rows = [convert(train_src[i]) for i in sorted(held)]
         else:
             train_rows = [convert(train_src[i]) for i in range(len(train_src))]
             val_rows = [convert(val_src[i]) for i in range(len(val_src))]

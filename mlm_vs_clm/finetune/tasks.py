@@ -133,6 +133,8 @@ def _token_classification(task, examples, tok, pieces, max_len, qlen, train):
     tag_index = {t: i for i, t in enumerate(task.labels)}
     rows, label_rows, first_positions, gold = [], [], [], []
     for ex in examples:
+        if len(ex["words"]) != len(ex["tags"]):
+            raise ValueError(f"task {task.name}: an example has {len(ex['words'])} words but {len(ex['tags'])} tags")
         ids, labels, firsts = [tok.bos_id], [IGNORE], []
         for word, tag in zip(ex["words"], ex["tags"]):
             if tag not in tag_index:
