@@ -1,0 +1,51 @@
+"""Analytic model FLOPs of one training step, per token.
+
+Counted (a multiply-add = 2 FLOPs; training = forward + backward = 3x the forward matmuls):
+- per layer and token: the q/k/v/o projections (2*D*(N+2K)*H + 2*N*H*D) and the SwiGLU MLP
+  (3 * 2*D*F);
+- attention scores QK^T and the weighted sum AV: 2 * 2*N*H per key attended. Keys per query
+  are counted over the packed row of length L: all L keys for bidirectional attention, the
+  average causal extent (L+1)/2 for causal attention. Segment masking inside a packed row is
+  not subtracted (the kernels compute the whole row);
+- the output head 2*D*V only at the positions actually predicted: every position for CLM,
+  the static bound M = ceil(mask_ratio * L) per row for the sparse MLM head (all L without it).
+Not counted: embeddings (a gather), norms, RoPE, softmax, the optimizer, and recomputation
+(remat, the chunked loss's recomputed logits): they are hardware FLOPs, not model FLOPs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from mlm_vs_clm.objectives import max_selected
+
+
+@dataclasses.dataclass(frozen=True)
+class StepFlops:
+    per_token: float  # training FLOPs (forward + backward) per input token
+    forward_per_token: float
+    head_positions_per_row: int  # rows of the output head computed per row of length L
+    attention_keys_per_query: float
+
+
+def train_flops_per_token(model_cfg, seq_len: int, objective_kind: str, mask_ratio: float = 0.0,
+                          sparse_head: bool = True) -> StepFlops:
+    """Model FLOPs per input token of one training step (see the module docstring)."""
+    if objective_kind not in ("clm", "mlm"):
+        raise ValueError(f"flops: objective kind must be 'clm' or 'mlm', got {objective_kind!r}")
+    D, F, V = model_cfg.hidden_size, model_cfg.ffn_size, model_cfg.vocab_size
+    N, K = model_cfg.num_heads, model_cfg.num_kv_heads
+    H = D // N
+    L = seq_len
+    projections = 2 * D * (N + 2 * K) * H + 2 * N * H * D
+    mlp = 3 * 2 * D * F
+    keys = (L + 1) / 2 if objective_kind == "clm" else float(L)
+    attention = 2 * 2 * N * H * keys
+    per_layer = projections + mlp + attention
+    if objective_kind == "mlm" and sparse_head:
+        head_rows = max_selected(mask_ratio, L)
+    else:
+        head_rows = L
+    head = 2 * D * V * head_rows / L
+    forward = model_cfg.num_layers * per_layer + head
+    return StepFlops(3 * forward, forward, head_rows, keys)
