@@ -270,8 +270,12 @@ def test_cli_import_then_export(tmp_path, capsys):
 
     hf = _hf_llama(tmp_path / "hf", kv=2, tied=True)
     run = str(tmp_path / "run")
+    capsys.readouterr()
     assert convert_main(["import-hf", f"--hf={tmp_path / 'hf'}", f"--out={run}"]) == 0
     model = load_checkpoint(run)
+    printed = capsys.readouterr().out
+    assert f"--config.init_from={run}" in printed and "--config.model.num_kv_heads=2" in printed
+    assert f"--config.tokens.mask_id={model.config.tokens.mask_id}" in printed
     tokens = _tokens(hf.config.vocab_size)
     with torch.no_grad():
         ref = hf(torch.tensor(tokens, dtype=torch.long)).logits.numpy()

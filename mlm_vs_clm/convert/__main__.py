@@ -7,6 +7,7 @@ Errors print one line (`error: ...`) and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 
@@ -55,10 +56,11 @@ def main(argv=None) -> int:
             how = "LlamaForCausalLM" if config["is_causal"] else "AutoModelForMaskedLM (trust_remote_code=True)"
             print(f"wrote {args.out}: {'causal' if config['is_causal'] else 'bidirectional'} model; load with {how}")
         else:
-            from mlm_vs_clm.convert.hf_import import import_hf
+            from mlm_vs_clm.convert.hf_import import import_hf, init_from_flags
 
-            step_dir = import_hf(args.hf, args.out, scan_layers=not args.no_scan_layers, base_config=args.base_config)
-            print(f"wrote {step_dir}; continue with --config.init_from={args.out} --config.data.tokenizer={args.out}/tokenizer")
+            out = os.path.abspath(args.out)
+            step_dir, config = import_hf(args.hf, out, scan_layers=not args.no_scan_layers, base_config=args.base_config)
+            print(f"wrote {step_dir}; train from it with:\n  " + " ".join(init_from_flags(config, out)))
     except (ValueError, OSError, CheckpointError) as e:  # ConversionError is a ValueError
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"error: {msg}", file=sys.stderr)
