@@ -139,3 +139,83 @@ def test_single_process_is_a_no_op(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     distributed.initialize()  # must not start a coordinator or touch the backend
     assert not __import__("jax").distributed.is_initialized()
+
+
+LOCAL_SH = os.path.join(REPO_ROOT, "launch", "local.sh")
+
+
+def test_local_launcher_stops_the_others_when_one_process_fails(tmp_path):
+    # Process 1 fails at once; process 0 would wait forever at the coordinator's barrier.
+    (tmp_path / "failing_worker.py").write_text(
+        "import os, sys, time\n"
+        "from mlm_vs_clm import distributed\n"
+        "if os.environ['MLM_VS_CLM_PROCESS_ID'] == '1':\n"
+        "    sys.exit(7)\n"
+        "distributed.initialize()\n"
+        "time.sleep(600)\n"
+    )
+    env = _env(PYTHON=sys.executable, MODULE="failing_worker", PYTHONPATH=str(tmp_path))
+    start = time.monotonic()
+    proc = subprocess.run(["bash", LOCAL_SH, "2"], env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 7, proc.stderr[-2000:]
+    assert "a process exited with status 7" in proc.stderr
+    assert time.monotonic() - start < 30
+
+
+def test_local_launcher_rejects_a_bad_process_count():
+    proc = subprocess.run(["bash", LOCAL_SH, "two"], env=_env(), capture_output=True, text=True, timeout=10)
+    assert proc.returncode == 2 and proc.stderr.startswith("usage: launch/local.sh NUM_PROCESSES")
+
+
+def _train_flags(corpus, workdir):
+    return [
+        "--config=configs/pretrain.py:tiny,clm", f"--workdir={workdir}", f"--config.data.source={corpus}",
+        "--config.data.tokenizer_vocab_size=384", "--config.model.vocab_size=384", "--config.train.batch_size=8",
+        "--config.train.seq_len=32", "--config.train.steps=4", "--config.train.log_every=1",
+        "--config.train.eval_every=100", "--config.train.checkpoint_every=100", "--config.train.eval_batches=1",
+        "--config.train.progress=False", "--config.mesh.data=2", "--config.mesh.fsdp=4",
+    ]
+
+
+def _losses(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    return [(r["step"], r["objective"], r["loss"]) for r in records if "loss" in r]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="data.pipeline shards documents per process (docs[i::process_count]), so the global batch of two "
+    "processes differs from one process's; needs a batch that does not depend on the process count",
+)
+def test_two_process_training_equals_one_process_with_eight_devices(tmp_path):
+    import random
+
+    rng = random.Random(0)
+    words = "the bank said shares rose while the team won its game and the minister spoke on the film".split()
+    (tmp_path / "corpus").mkdir()
+    for i in range(64):
+        text = " ".join(rng.choice(words) for _ in range(rng.randint(10, 80)))
+        (tmp_path / "corpus" / f"d{i}.txt").write_text(text + ".\n")
+    corpus = str(tmp_path / "corpus" / "*.txt")
+    cache = os.path.join(REPO_ROOT, ".cache", "jax")
+
+    one = str(tmp_path / "one")
+    single = subprocess.run(
+        [sys.executable, "-m", "mlm_vs_clm.train", *_train_flags(corpus, one)],
+        env=_env(MLM_VS_CLM_CPU_DEVICES=8, JAX_COMPILATION_CACHE_DIR=cache), cwd=REPO_ROOT,
+        capture_output=True, text=True, timeout=300,
+    )
+    assert single.returncode == 0, single.stderr[-2000:]
+
+    two = str(tmp_path / "two")
+    pair = subprocess.run(
+        ["bash", LOCAL_SH, "2", *_train_flags(corpus, two)],
+        env=_env(PYTHON=sys.executable, MLM_VS_CLM_CPU_DEVICES=4, JAX_COMPILATION_CACHE_DIR=cache), cwd=REPO_ROOT,
+        capture_output=True, text=True, timeout=300,
+    )
+    assert pair.returncode == 0, pair.stderr[-2000:]
+    expected, got = _losses(one), _losses(two)
+    assert [s for s, _, _ in expected] == [1, 2, 3, 4]
+    assert [(s, o) for s, o, _ in got] == [(s, o) for s, o, _ in expected]
+    assert [l for _, _, l in got] == pytest.approx([l for _, _, l in expected], rel=1e-5, abs=1e-6)
