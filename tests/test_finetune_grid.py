@@ -129,3 +129,13 @@ def test_cli_news_quick_on_a_saved_checkpoint(tok, tmp_path):
     before = (tmp_path / "out" / "results.json").read_bytes()
     again = _cli(args, env)
     assert again.returncode == 0 and (tmp_path / "out" / "results.json").read_bytes() == before
+
+
+def test_checkpoint_paths_from_flags():
+    import ml_collections
+
+    def paths(single, several):
+        return grid.checkpoint_paths(ml_collections.ConfigDict(dict(checkpoint=single, checkpoints=several)))
+
+    assert paths("a", ("b,c",)) == ["a", "b", "c"]  # `--config.checkpoints=b,c` arrives as ('b,c',)
+    assert paths("", ("(a, b)",)) == ["a", "b"] and paths("a", ("a",)) == ["a"] and paths("", ()) == []

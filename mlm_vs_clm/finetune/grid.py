@@ -31,10 +31,12 @@ class Checkpoint:
 
 def checkpoint_paths(ft) -> list:
     paths = [ft.checkpoint] if ft.checkpoint else []
-    extra = ft.checkpoints
-    if isinstance(extra, str):
-        extra = extra.split(",")
-    paths += [p.strip() for p in extra if p and p.strip() and p.strip() not in paths]
+    extra = [ft.checkpoints] if isinstance(ft.checkpoints, str) else list(ft.checkpoints)
+    for entry in extra:  # `--config.checkpoints=A,B` arrives as ('A,B',)
+        for p in str(entry).strip("()").split(","):
+            p = p.strip().strip("'\"")
+            if p and p not in paths:
+                paths.append(p)
     return paths
 
 
