@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pathlib
 import re
 
 import numpy as np
@@ -51,7 +52,14 @@ def _decode(raw: bytes, stats: SourceStats) -> str:
         return raw.decode("utf-8", errors="replace")
 
 
-class Documents:
+class _RandomAccess:
+    """Indices wrap around (grain's endless repeat reads past the end); iteration does not."""
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+
+class Documents(_RandomAccess):
     """Documents held as one UTF-8 buffer plus offsets: ~1 byte per character."""
 
     def __init__(self, texts, name: str = "documents", stats: SourceStats | None = None):
@@ -73,7 +81,7 @@ class Documents:
         return f"Documents({self.name!r}, {len(self)} documents)"
 
 
-class TfdsDocuments:
+class TfdsDocuments(_RandomAccess):
     """`tfds.data_source` records -> their text field (bytes decoded with replacement).
 
     Read lazily, so an empty record comes back as '' (the pipeline drops those).
@@ -114,7 +122,7 @@ class TfdsDocuments:
         return f"TfdsDocuments({self.name!r}, split={self.split!r}, {len(self)} records)"
 
 
-class IndexSubset:
+class IndexSubset(_RandomAccess):
     """Documents `index_fn(j)` for j in range(length) of a parent source (no index arrays)."""
 
     def __init__(self, parent, length: int, index_fn, name: str):
@@ -144,6 +152,22 @@ def split_heldout(source, every: int = 64):
     return train, heldout
 
 
+def _path(entry: str):
+    """Local paths as pathlib (full glob support), URLs (gs://, ...) as etils.epath."""
+    entry = entry.removeprefix("file://")
+    return epath.Path(entry) if "://" in entry else pathlib.Path(entry)
+
+
+def _files_under(path) -> list:
+    found, stack = [], [path]
+    while stack:
+        for child in stack.pop().iterdir():
+            if child.name.startswith("."):
+                continue
+            (stack if child.is_dir() else found).append(child)
+    return sorted(found, key=os.fspath)
+
+
 def expand_paths(spec: str) -> list[epath.Path]:
     """Comma-separated paths, directories and globs -> the files, sorted per entry."""
     files: list[epath.Path] = []
@@ -152,16 +176,16 @@ def expand_paths(spec: str) -> list[epath.Path]:
             head = _GLOB_CHARS.split(entry, maxsplit=1)[0]
             base = head.rsplit("/", 1)[0] if "/" in head else "."
             pattern = entry[len(base) + 1 :] if base != "." or entry.startswith("./") else entry
-            matched = sorted(p for p in epath.Path(base).glob(pattern) if p.is_file())
+            matched = sorted((p for p in _path(base).glob(pattern) if p.is_file()), key=os.fspath)
             if not matched:
                 raise SourceError(f"data source: glob {entry!r} matches no files")
             files.extend(matched)
             continue
-        path = epath.Path(entry)
+        path = _path(entry)
         if not path.exists():
             raise SourceError(f"data source: path {entry!r} does not exist")
         if path.is_dir():
-            inside = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+            inside = _files_under(path)
             if not inside:
                 raise SourceError(f"data source: directory {entry!r} contains no files")
             files.extend(inside)
@@ -205,7 +229,7 @@ def _texts_of_file(path: epath.Path, text_field: str, text_mode: str, stats: Sou
         return
     text = _decode(raw, stats).replace("\r\n", "\n")
     if text_mode == "blocks":
-        yield from _BLANK_LINE.split(text)
+        yield from _BLANK_LINE.split(text.strip())
     else:
         yield text
 
