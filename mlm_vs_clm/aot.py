@@ -49,7 +49,9 @@ class MemoryReport:
         return self.total_bytes <= device_memory_gib * GIB
 
     def line(self) -> str:
-        g = lambda b: f"{b / GIB:8.2f}"  # noqa: E731
+        def g(b):
+            return f"{b / GIB:8.2f}"
+
         return (
             f"{self.objective:6s} mesh={'x'.join(map(str, self.mesh)):9s} rows/device={self.rows_per_device:<4d} "
             f"seq={self.seq_len:<5d} GiB/device: args {g(self.argument_bytes)} out {g(self.output_bytes)} "

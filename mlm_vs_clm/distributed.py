@@ -132,7 +132,7 @@ def _connect(kwargs: dict, timeout_s: int, where: str) -> None:
     watchdog.start()
     try:
         jax.distributed.initialize(**kwargs, initialization_timeout=timeout_s + _JAX_DEADLINE_MARGIN_S)
-    except Exception as e:  # noqa: BLE001 - one clear line instead of a runtime traceback
+    except Exception as e:  # one clear line instead of a runtime traceback
         watchdog.cancel()
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise SystemExit(f"distributed: {where} failed to initialise: {first_line}") from e
@@ -169,7 +169,7 @@ def initialize(
     configure_cpu_devices()
     if collective_timeout_s:
         _set_collective_timeout(collective_timeout_s)
-    timeouts = dict(heartbeat_timeout_seconds=heartbeat_timeout_s, shutdown_timeout_seconds=shutdown_timeout_s or timeout_s)
+    timeouts = {"heartbeat_timeout_seconds": heartbeat_timeout_s, "shutdown_timeout_seconds": shutdown_timeout_s or timeout_s}
 
     explicit = coordinator_address is not None or (num_processes or 1) > 1
     if mode == "off" or (not explicit and mode != "auto" and not _under_slurm() and not _on_tpu_vm()):
@@ -237,6 +237,6 @@ def sync(name: str, timeout_s: int = 600) -> None:
         return
     try:
         client.wait_at_barrier(barrier_id, timeout_in_ms=int(timeout_s * 1000))
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise DistributedError(f"distributed: barrier {name!r} failed in process {jax.process_index()}: {first_line}") from e
