@@ -1,0 +1,106 @@
+"""The benchmark: the JSON contract end to end on `tiny`, the analytic FLOP count, the checks."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from mlm_vs_clm import bench, flops, schedules, sharding, train_state
+from mlm_vs_clm import step as step_lib
+from mlm_vs_clm.config import load_config
+from mlm_vs_clm.model import ModelConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_cli_writes_the_json_contract(tmp_path):
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=os.path.join(REPO, ".cache", "jax"))
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlm_vs_clm.bench", "--config=configs/pretrain.py:tiny", "--steps=2", "--warmup=1",
+         "--peer", "--objectives=clm,mlm40", "--config.train.batch_size=4", f"--json={out}"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["peak_flops_per_second"] > 0
+    for name in ("clm", "mlm40"):
+        r = result[name]
+        assert r["steps_timed"] == 2
+        for key in ("tokens_per_second", "step_seconds", "mfu", "compile_seconds", "model_flops_per_token"):
+            assert r[key] > 0, key
+        assert r["tokens_per_second"] == pytest.approx(4 * 128 / r["step_seconds"])
+        assert np.isfinite(r["final_loss"])
+        assert r["memory"]["temp_bytes"] > 0 and not r["memory"]["materialises_full_logits"]
+    assert result["peer"]["tokens_per_second"] > 0
+    assert result["peer"]["ours_clm_over_peer"] == pytest.approx(
+        result["clm"]["tokens_per_second"] / result["peer"]["tokens_per_second"])
+    assert "| ours clm |" in proc.stdout and "| peer clm (HF torch) |" in proc.stdout
+
+
+def test_flops_match_a_hand_count():
+    cfg = ModelConfig.from_config(load_config("configs/pretrain.py:tiny").model)
+    # tiny: 2 layers, D=64, 4 heads (H=16), 2 kv heads, F=192, V=4096; L=128.
+    assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.ffn_size, cfg.vocab_size) == (
+        2, 64, 4, 2, 192, 4096)
+    q, k, v, o = 2 * 64 * 64, 2 * 64 * 32, 2 * 64 * 32, 2 * 64 * 64
+    mlp = 3 * 2 * 64 * 192
+    head = 2 * 64 * 4096
+    causal_attn = 2 * 2 * 64 * 64.5  # QK^T and AV, 4 heads x 16 dims, (128+1)/2 keys
+    clm = flops.train_flops_per_token(cfg, 128, "clm")
+    assert clm.per_token == 3 * (2 * (q + k + v + o + mlp + causal_attn) + head)
+    bidir_attn = 2 * 2 * 64 * 128
+    mlm = flops.train_flops_per_token(cfg, 128, "mlm", 0.4, sparse_head=True)
+    assert mlm.head_positions_per_row == 52  # ceil(0.4 * 128)
+    assert mlm.per_token == pytest.approx(3 * (2 * (q + k + v + o + mlp + bidir_attn) + head * 52 / 128))
+    dense = flops.train_flops_per_token(cfg, 128, "mlm", 0.4, sparse_head=False)
+    assert dense.per_token == pytest.approx(3 * (2 * (q + k + v + o + mlp + bidir_attn) + head))
+    with pytest.raises(ValueError, match="objective kind"):
+        flops.train_flops_per_token(cfg, 128, "mlx")
+
+
+def test_xla_cost_analysis_is_close_to_the_analytic_count():
+    # No loops (unrolled layers, one loss chunk): XLA counts every op once. It also counts the
+    # chunked loss's recomputed head (+1/3 of the head), the full L x L attention and the
+    # elementwise work, so it lies a little above the model FLOPs.
+    config = load_config("configs/pretrain.py:tiny,clm", {"model.scan_layers": False, "loss_chunk_size": 128,
+                                                         "train.batch_size": 4})
+    setup = train_state.build(config, sharding.make_mesh(config.mesh, jax.devices()[:1]))
+    batch = bench.synthetic_batch(4, 128, config.model.vocab_size)
+    compiled = step_lib.compiled_train_step(setup, schedules.Objective("clm")).lower(
+        setup.abstract_state, batch).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    xla_per_token = cost["flops"] / (4 * 128)
+    analytic = flops.train_flops_per_token(setup.model.cfg, 128, "clm").per_token
+    assert 1.0 < xla_per_token / analytic < 1.6, (xla_per_token, analytic)
+
+
+def test_synthetic_batch_is_packed():
+    b = bench.synthetic_batch(8, 64, 100, seed=3)
+    tokens, seg, pos = b["tokens"], b["segment_ids"], b["positions"]
+    assert tokens.shape == seg.shape == pos.shape == (8, 64) and tokens.dtype == np.int32
+    assert np.all((tokens == 0) == (seg == 0))
+    assert np.all(tokens[seg > 0] >= bench.FIRST_ORDINARY_ID) and tokens.max() < 100
+    assert seg.max() > 1  # some rows hold several segments
+    for row in range(8):
+        for s in set(seg[row]) - {0}:
+            np.testing.assert_array_equal(pos[row][seg[row] == s], np.arange(np.sum(seg[row] == s)))
+
+
+def test_largest_array_in_hlo_text():
+    text = "ROOT %x = f32[32,128,32000]{2,1,0} dot(bf16[32,128,256] %a, f32[256,32000] %w) s32[] pred[4,4]"
+    assert bench.largest_array_elements(text) == 32 * 128 * 32000
+
+
+def test_bad_objectives_are_rejected():
+    config = load_config("configs/pretrain.py:tiny")
+    with pytest.raises(ValueError, match="unknown objective"):
+        bench.run(config, ["clm", "mlmx"], steps=1)
+    with pytest.raises(ValueError, match="steps >= 1"):
+        bench.run(config, ["clm"], steps=0)
