@@ -131,8 +131,13 @@ class Proj(nn.Module):
             jnp.dtype(self.cfg.param_dtype),
         )
         dtype = jnp.dtype(self.cfg.dtype)
-        contract = tuple(range(x.ndim - self.in_dims, x.ndim)), tuple(range(self.in_dims))
-        return jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype), (contract, ((), ())))
+        # As one 2-D matmul [T, in] @ [in, out]: XLA's CPU backend runs multi-axis dot_generals
+        # (and their gradients) 2x slower than the same product in plain 2-D form.
+        lead = x.shape[: x.ndim - self.in_dims]
+        n_in, n_out = math.prod(in_shape), math.prod(self.out_shape)
+        x_TxI = x.astype(dtype).reshape(math.prod(lead), n_in)
+        y_TxO = x_TxI @ kernel.astype(dtype).reshape(n_in, n_out)
+        return y_TxO.reshape(*lead, *self.out_shape)
 
 
 def _dense(features, axes, cfg: ModelConfig, name, in_axes=1):
