@@ -199,7 +199,9 @@ def peer_runner(config, batch_np: dict):
 
 def bench_data(config, seconds: float, consumed_rows_per_second: float) -> dict:
     """The input pipeline's rows/s (mlm_vs_clm.data.pipeline) against the rows/s the step eats."""
-    from mlm_vs_clm.data import pipeline  # imported late: the bench itself needs no corpus
+    from mlm_vs_clm.data import (
+        pipeline,  # imported late: the bench itself needs no corpus
+    )
 
     tokenizer = pipeline.prepare_tokenizer(config)
     rows = float(pipeline.pipeline_rows_per_second(config, tokenizer, seconds))
@@ -274,7 +276,7 @@ def table(result: dict) -> str:
     """A Markdown table of one benchmark result."""
     head = "| run | compile s | step s (p25-p75) | tokens/s | GFLOP/token | MFU | temp MiB | largest array / logits |"
     lines = [head, "|" + "---|" * 8]
-    mib = lambda b: f"{b / 2**20:.0f}" if b is not None else "-"  # noqa: E731
+    mib = lambda b: f"{b / 2**20:.0f}" if b is not None else "-"
     for name, r in result.items():
         if not isinstance(r, dict) or "tokens_per_second" not in r or name in ("peer", "data"):
             continue
@@ -295,8 +297,9 @@ def table(result: dict) -> str:
             f"| peer clm (HF torch) | - | {p['step_seconds']:.4f} ({p['step_seconds_p25']:.4f}-"
             f"{p['step_seconds_p75']:.4f}) | {p['tokens_per_second']:,.0f} | {gf} | {mfu} | - | - |"
         )
-    notes = [f"peak {result['peak_flops_per_second'] / 1e9:,.1f} GFLOP/s ({result['peak_matmul']['dtype']} "
-             f"{result['peak_matmul']['n']}^3 matmul) on {result['num_devices']} x {result['device']}"]
+    peak = result["peak_matmul"]
+    notes = [(f"peak {result['peak_flops_per_second'] / 1e9:,.1f} GFLOP/s ({peak['dtype']} {peak['n']}^3 matmul) "
+              f"on {result['num_devices']} x {result['device']}")]
     if "peer" in result and "ours_clm_over_peer" in result["peer"]:
         lo, hi = result["peer"]["ours_clm_over_peer_rounds_p25_p75"]
         notes.append(f"ours/peer CLM tokens/s = {result['peer']['ours_clm_over_peer']:.2f}x "
