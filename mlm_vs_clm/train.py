@@ -19,6 +19,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from mlm_vs_clm import checkpoint as ckpt_lib
+from mlm_vs_clm import distributed
 from mlm_vs_clm import logs, sharding, step as step_lib, train_state
 from mlm_vs_clm.config import ConfigError
 from mlm_vs_clm.validate import validate
@@ -209,6 +210,7 @@ def main(argv):
     if FLAGS.config is None or not FLAGS.workdir:
         print("error: --config and --workdir are required", file=sys.stderr)
         sys.exit(2)
+    distributed.initialize_from_flags()  # multi-host start-up, before any other JAX call
     from mlm_vs_clm.data.sources import SourceError
     from mlm_vs_clm.data.tokenizer import TokenizerError
 
