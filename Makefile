@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: demo test replicate venv clean
+.PHONY: demo test venv clean
 
 $(VENV)/.installed-base: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -21,9 +21,6 @@ venv: $(VENV)/.installed-all
 
 demo: $(VENV)/.installed-all
 	$(PY) -m mlm_vs_clm.demo --workdir=demo_runs
-
-replicate: $(VENV)/.installed-all
-	$(PY) -m mlm_vs_clm.replicate --workdir=replication
 
 test: $(VENV)/.installed-all
 	$(PY) -m pytest -n 2 -q tests

@@ -30,7 +30,7 @@ setup(
     ],
     extras_require={
         # torch is pinned so that pip takes the CPU wheel instead of resolving a CUDA build.
-        "hf": ["torch==2.13.0", "transformers>=4.45", "safetensors>=0.4"],
+        "hf": ["torch==2.13.0", "transformers>=5.0", "safetensors>=0.4"],
         "dev": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.5", "portpicker>=1.6"],
     },
 )

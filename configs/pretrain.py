@@ -125,7 +125,8 @@ def _size_config(name: str) -> ml_collections.ConfigDict:
     )
 
     c.mesh = ml_collections.ConfigDict(
-        dict(data=-1, fsdp=1 if not big else -1, tensor=1, rules=DEFAULT_RULES)
+        # layout: '' (use data/fsdp/tensor as given) or a named layout of configs/meshes.py
+        dict(data=-1, fsdp=1 if not big else -1, tensor=1, rules=DEFAULT_RULES, layout="", devices_per_node=0)
     )
     if big:
         c.mesh.data = 1
@@ -134,6 +135,7 @@ def _size_config(name: str) -> ml_collections.ConfigDict:
         dict(
             source="demo",  # a path, a glob, 'tfds:NAME' or 'demo'
             text_field="text",
+            text_mode="file",  # plain text: 'file' (one document per file) or 'blocks' (blank-line blocks)
             tokenizer="",  # path of a tokenizer; '' = train one on the source (cached)
             tokenizer_vocab_size=vocab if not big else 32000,
             shuffle=True,

@@ -98,6 +98,12 @@ def train(config, workdir: str, devices=None) -> dict:
     from mlm_vs_clm.data import pipeline
 
     devices = list(devices) if devices is not None else jax.devices()
+    if config.mesh.get("layout"):
+        from mlm_vs_clm import aot
+
+        aot.mesh_layouts().apply_mesh_layout(
+            config, config.mesh.layout, len(devices), config.mesh.devices_per_node or None
+        )
     validate(config, len(devices))
     os.makedirs(workdir, exist_ok=True)
     tokenizer = pipeline.prepare_tokenizer(config, workdir)
@@ -205,7 +211,7 @@ def _parse_flags(argv):
 
 def main(argv):
     del argv
-    if not FLAGS.is_parsed() or FLAGS["verbosity"].using_default_value:
+    if not any(a.startswith(("--verbosity", "-v")) for a in sys.argv[1:]):
         logging.set_verbosity(logging.WARNING)  # library INFO chatter off unless asked for
     if FLAGS.config is None or not FLAGS.workdir:
         print("error: --config and --workdir are required", file=sys.stderr)
