@@ -23,7 +23,7 @@ FLAGS = flags.FLAGS
 
 
 def _run(args: list[str]) -> None:
-    print("\n$ " + " ".join(args), flush=True)
+    print("\n$ python -m " + " ".join(args), flush=True)
     proc = subprocess.run([sys.executable, "-m", *args])
     if proc.returncode != 0:
         print(f"demo: step failed with exit status {proc.returncode}: {' '.join(args)}", file=sys.stderr)
