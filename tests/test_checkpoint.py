@@ -245,3 +245,10 @@ def test_load_checkpoint_logits_match_training_model(reference_run):
             {"params": m.params}, tokens, np.ones_like(tokens), np.arange(L)[None], mode)
         np.testing.assert_allclose(got, np.asarray(ref, np.float32), atol=1e-5)
         assert got.shape == (1, L, m.config.model.vocab_size) and got.dtype == np.float32
+
+
+def test_keep_steps_survive_retention(corpus, tmp_path):
+    workdir = str(tmp_path / "run")
+    config = _config(corpus, **{"train.keep": 1, "train.keep_steps": (4,), "train.eval_every": 100})
+    train(config, workdir, devices=jax.devices()[:1])
+    assert ckpt_lib.Checkpointer(workdir).steps() == [4, 12]
