@@ -140,6 +140,9 @@ def _size_config(name: str) -> ml_collections.ConfigDict:
             tokenizer_vocab_size=vocab if not big else 32000,
             shuffle=True,
             worker_count=0,
+            # False: every process packs the global stream and keeps its rows (batches do not
+            # depend on the process count); True: each process reads only its own documents.
+            shard_by_process=False,
             validation_source="",  # '' = the held-out part of the source
         )
     )

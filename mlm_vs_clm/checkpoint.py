@@ -81,21 +81,35 @@ class Checkpointer:
         self.manager.wait_until_finished()
         self.manager.close()
 
-    def restore_latest(self, abstract_state, data_iter=None):
+    def restore_latest(self, abstract_state, data_iter=None, data_state_portable: bool = True):
         """(step, state) from the newest checkpoint that restores; (None, None) if there is none.
 
         A checkpoint that fails to restore (killed mid-write, truncated or corrupt file) is
         moved aside to RUN/checkpoints_corrupt/ with a warning naming it, and the previous
-        one is tried. Nothing is deleted.
+        one is tried. Nothing is deleted. With `data_state_portable` (every process iterates
+        the same global stream) a checkpoint also resumes under another process count.
         """
         for step in reversed(self.steps()):
             items = {"state": ocp.args.StandardRestore(abstract_state)}
-            has_data = os.path.isdir(os.path.join(self.directory, str(step), "data"))
-            if data_iter is not None and hasattr(data_iter, "set_state") and has_data:
+            data_dir = os.path.join(self.directory, str(step), "data")
+            own = os.path.join(data_dir, f"process_{jax.process_index()}-of-{jax.process_count()}.json")
+            other = sorted(f for f in os.listdir(data_dir) if f.endswith(".json")) if os.path.isdir(data_dir) else []
+            wants_data = data_iter is not None and hasattr(data_iter, "set_state")
+            if wants_data and os.path.isfile(own):
                 items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+            elif wants_data and other and not data_state_portable:
+                raise CheckpointError(
+                    f"checkpoint {step} was written by {len(other)} processes with data.shard_by_process=True; "
+                    "resume it with the same number of processes"
+                )
             try:
                 restored = self.manager.restore(step, args=ocp.args.Composite(**items))
                 state = restored["state"]
+                if wants_data and not os.path.isfile(own) and other:
+                    # Saved by another number of processes: every process iterates the same
+                    # global stream (data.shard_by_process=False), so any process's state fits.
+                    with open(os.path.join(data_dir, other[0])) as f:
+                        data_iter.set_state(json.load(f))
                 if not bool(jax.jit(_all_finite)(state.params)):
                     raise CheckpointError("non-finite parameters")
                 return step, state

@@ -51,7 +51,8 @@ def _to_global(batch_np: dict, mesh) -> dict:
 
 def initial_state(setup, checkpointer, data_iter, config):
     """(state, start_step, how): resume, else init_from, else scratch."""
-    step, state = checkpointer.restore_latest(setup.abstract_state, data_iter)
+    portable = not config.data.get("shard_by_process", False)
+    step, state = checkpointer.restore_latest(setup.abstract_state, data_iter, data_state_portable=portable)
     if state is not None:
         return state, step, f"resumed from step {step}"
     if config.init_from:
@@ -115,7 +116,11 @@ def train(config, workdir: str, devices=None) -> dict:
     mesh = sharding.make_mesh(config.mesh, devices)
     setup = train_state.build(config, mesh)
     data_iter = pipeline.train_iterator(config, tokenizer, jax.process_index(), jax.process_count())
-    val_batches = [_to_global(b, mesh) for b in pipeline.validation_batches(config, tokenizer, config.train.eval_batches)]
+    rows = config.train.batch_size // jax.process_count()  # validation batches are global
+    val_batches = [
+        _to_global({k: v[jax.process_index() * rows : (jax.process_index() + 1) * rows] for k, v in b.items()}, mesh)
+        for b in pipeline.validation_batches(config, tokenizer, config.train.eval_batches)
+    ]
     t = config.train
     checkpointer = ckpt_lib.Checkpointer(workdir, keep=t.keep, keep_steps=tuple(t.keep_steps))
     state, start, how = initial_state(setup, checkpointer, data_iter, config)

@@ -89,7 +89,8 @@ def test_kill9_then_resume_is_identical(corpus, cli_reference_run, tmp_path):
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
         path = os.path.join(workdir, "metrics.jsonl")
-        if os.path.exists(path) and any(r.get("step", 0) >= kill_at for r in _records(workdir)):
+        finalized = os.path.isdir(os.path.join(workdir, "checkpoints", "4"))  # orbax renames when complete
+        if finalized and os.path.exists(path) and any(r.get("step", 0) >= kill_at for r in _records(workdir)):
             break
         time.sleep(0.05)
     proc.kill()

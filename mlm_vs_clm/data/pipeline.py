@@ -120,14 +120,39 @@ def local_batch_size(config, process_count: int) -> int:
     return config.train.batch_size // process_count
 
 
+class _ProcessRows(grain.transforms.Map):
+    """Rows [index * n, (index + 1) * n) of a global batch: this process's part."""
+
+    def __init__(self, process_index: int, rows: int):
+        self._start, self._rows = process_index * rows, rows
+
+    def map(self, batch: dict) -> dict:
+        return {k: v[self._start : self._start + self._rows] for k, v in batch.items()}
+
+
 def train_iterator(config, tokenizer: Tokenizer, process_index: int = 0, process_count: int = 1):
-    """This process's batches: a grain iterator with get_state() / set_state()."""
+    """This process's batches: a grain iterator with get_state() / set_state().
+
+    By default every process packs the same global stream and keeps its own rows of each
+    global batch, so the global batch does not depend on the number of processes (a run on
+    2 hosts equals a run on 1). `data.shard_by_process=True` instead gives each process its
+    own documents: less tokenization per host, but the batches depend on the process count.
+    """
     docs = documents(config, "train")
-    ds = packed_batches(
-        docs, tokenizer, config.train.seq_len, local_batch_size(config, process_count),
-        seed=config.seed if config.data.shuffle else None,
-        shard_index=process_index, shard_count=process_count, worker_count=config.data.worker_count,
-    )
+    local = local_batch_size(config, process_count)
+    seed = config.seed if config.data.shuffle else None
+    if config.data.get("shard_by_process", False):
+        ds = packed_batches(
+            docs, tokenizer, config.train.seq_len, local, seed=seed,
+            shard_index=process_index, shard_count=process_count, worker_count=config.data.worker_count,
+        )
+    else:
+        ds = packed_batches(
+            docs, tokenizer, config.train.seq_len, config.train.batch_size, seed=seed,
+            worker_count=config.data.worker_count,
+        )
+        if process_count > 1:
+            ds = ds.map(_ProcessRows(process_index, local))
     return iter(ds)
 
 
