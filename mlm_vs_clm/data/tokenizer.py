@@ -15,6 +15,8 @@ absent), `special_ids`, `save(directory)`. `load_tokenizer(path)` takes a direct
 
 from __future__ import annotations
 
+import abc
+
 import io
 import json
 import os
@@ -41,7 +43,7 @@ class TokenizerError(ValueError):
     """A tokenizer cannot be trained or loaded; the message names the file or the cause."""
 
 
-class Tokenizer:
+class Tokenizer(abc.ABC):
     """The interface the pipeline, fine-tuning and conversion use."""
 
     kind = "abstract"
@@ -56,20 +58,24 @@ class Tokenizer:
     def special_ids(self) -> tuple[int, ...]:
         return tuple(sorted({i for i in (getattr(self, f"{r}_id") for r in _ROLES) if i is not None}))
 
+    @abc.abstractmethod
     def encode(self, text: str) -> list[int]:
-        raise NotImplementedError
+        """Implemented by each tokenizer kind."""
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [self.encode(t) for t in texts]
 
+    @abc.abstractmethod
     def decode(self, ids) -> str:
-        raise NotImplementedError
+        """Implemented by each tokenizer kind."""
 
+    @abc.abstractmethod
     def id_to_piece(self, token_id: int) -> str:
-        raise NotImplementedError
+        """Implemented by each tokenizer kind."""
 
+    @abc.abstractmethod
     def save(self, directory: str) -> str:
-        raise NotImplementedError
+        """Implemented by each tokenizer kind."""
 
     def _meta(self) -> dict:
         return dict(kind=self.kind, vocab_size=self.vocab_size, **{f"{r}_id": getattr(self, f"{r}_id") for r in _ROLES})
