@@ -64,17 +64,17 @@ def initial_state(setup, checkpointer, data_iter, config):
             )
         if missing:
             fresh = train_state.init_state(setup, config.seed).params
-            flat_fresh = dict(jax.tree_util.tree_flatten_with_path(fresh)[0])
-            params = _fill_missing(params, fresh, flat_fresh)
+            params = _fill_missing(params, fresh)
             logging.warning("init_from: freshly initialised %s", ", ".join(missing))
             print(f"init_from: freshly initialised {', '.join(missing)}")
         return train_state.fresh_state_from_params(setup, params), 0, f"initialised from {config.init_from}"
     return train_state.init_state(setup, config.seed), 0, "started from scratch"
 
 
-def _fill_missing(partial, fresh, _flat):
+def _fill_missing(partial, fresh):
+    """`partial` (restored parameters) completed with the `fresh` ones it lacks."""
     if isinstance(fresh, dict):
-        return {k: _fill_missing((partial or {}).get(k), v, _flat) for k, v in fresh.items()}
+        return {k: _fill_missing((partial or {}).get(k), v) for k, v in fresh.items()}
     return fresh if partial is None else partial
 
 
@@ -129,7 +129,7 @@ def train(config, workdir: str, devices=None) -> dict:
     writer = logs.MetricsWriter(workdir, start, t.steps, progress=t.progress)
     preemption = _Preemption()
     tokens_per_step = t.batch_size * t.seq_len
-    pending, last, t_last, tokens_seen = None, {}, time.time(), start * tokens_per_step
+    pending, last, t_last = None, {}, time.time()
 
     def flush(pending):
         nonlocal t_last, last

@@ -253,3 +253,23 @@ def test_keep_steps_survive_retention(corpus, tmp_path):
     config = _config(corpus, **{"train.keep": 1, "train.keep_steps": (4,), "train.eval_every": 100})
     train(config, workdir, devices=jax.devices()[:1])
     assert ckpt_lib.Checkpointer(workdir).steps() == [4, 12]
+
+
+def test_init_from_allow_missing_initialises_the_rest(corpus, reference_run, tmp_path):
+    """A params-only checkpoint without the head: allowed, the head is fresh, the rest restored."""
+    full = ckpt_lib.load_checkpoint(reference_run)
+    partial = {"encoder": full.params["encoder"]}
+    src = str(tmp_path / "encoder_only")
+    ckpt_lib.save_params_checkpoint(src, full.config, partial)
+    config = _config(corpus, "mlm40", **{"train.steps": 2})
+    config.init_from = src
+    setup = train_state.build(config, sharding.make_mesh(config.mesh, jax.devices()[:1]))
+    from mlm_vs_clm.train import initial_state
+
+    with pytest.raises(ckpt_lib.CheckpointError, match="lm_head"):
+        initial_state(setup, ckpt_lib.Checkpointer(str(tmp_path / "a")), None, config)
+    config.init_from_allow_missing = True
+    state, _, _ = initial_state(setup, ckpt_lib.Checkpointer(str(tmp_path / "b")), None, config)
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state.params["encoder"]),
+                 jax.tree.map(np.asarray, full.params["encoder"]))
+    assert np.abs(np.asarray(state.params["lm_head"]["kernel"]) - np.asarray(full.params["lm_head"]["kernel"])).max() > 0
