@@ -213,6 +213,25 @@ def initialize_from_flags() -> None:
     )
 
 
+def enable_compilation_cache() -> str:
+    """JAX's persistent compilation cache for the command-line tools: a rerun, a resume or the
+    next run of a sweep with the same shapes loads its compiled programs instead of compiling.
+    `MLM_VS_CLM_COMPILATION_CACHE` (else JAX's `JAX_COMPILATION_CACHE_DIR`) names the folder
+    (`off` disables it); the default is
+    `<project cache>/jax` (`MLM_VS_CLM_CACHE`, else ~/.cache/mlm_vs_clm). Returns the folder."""
+    import jax
+
+    from mlm_vs_clm.data.demo_corpus import cache_dir
+
+    folder = (os.environ.get("MLM_VS_CLM_COMPILATION_CACHE") or os.environ.get("JAX_COMPILATION_CACHE_DIR")
+              or os.path.join(cache_dir(), "jax"))
+    if folder == "off":
+        return ""
+    jax.config.update("jax_compilation_cache_dir", folder)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    return folder
+
+
 def is_main_process() -> bool:
     """True in process 0: the one that logs, writes metrics and prints progress."""
     return jax.process_index() == 0

@@ -222,6 +222,7 @@ def main(argv):
         print("error: --config and --workdir are required", file=sys.stderr)
         sys.exit(2)
     distributed.initialize_from_flags()  # multi-host start-up, before any other JAX call
+    distributed.enable_compilation_cache()
     from mlm_vs_clm.data.sources import SourceError
     from mlm_vs_clm.data.tokenizer import TokenizerError
 

@@ -47,6 +47,9 @@ def _tasks(ft):
 def main(argv) -> int:
     del argv
     from mlm_vs_clm.config import ConfigError
+    from mlm_vs_clm.distributed import enable_compilation_cache
+
+    enable_compilation_cache()
     from mlm_vs_clm.finetune import grid, report
 
     ft = FLAGS.config

@@ -1,0 +1,160 @@
+"""`make replicate`: the study's four findings (PAPER.md) at a size and budget this machine runs.
+
+`python -m mlm_vs_clm.replicate --workdir=replication_runs --report_dir=replication [--scale=full]`
+
+One size (the `tiny` preset), one budget (`--scale=full`: 1,500 steps of 16 x 128 tokens),
+on the demo corpus (BBC News), every run seeing the same token stream:
+1. pure MLM-40, pure CLM, and CLM-then-MLM-40 at 25 / 50 / 75 % CLM (equal steps and tokens;
+   the biphasic runs branch from the CLM run's checkpoint at the switch: sweep.py);
+2. data efficiency: the MLM and CLM runs' checkpoints at 25 / 50 / 75 % of the steps;
+3. fine-tuning stability: every final checkpoint on a learning-rate x seed grid;
+4. continued pretraining: MLM-40 for `cpt_steps` more steps from the CLM run and from the
+   MLM run (fresh optimizer, the same extra compute).
+Every checkpoint is fine-tuned on the `news` suite (4 tasks) with 3 seeds; the report
+(replication_report.py) writes REPORT.md with tables, plots and a verdict per finding.
+Every stage resumes: rerunning skips what is done. Stage commands go to the run logs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import ml_collections
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", "replication_runs", "Where the runs go.")
+flags.DEFINE_string("report_dir", "replication", "Where REPORT.md and its plots go.")
+flags.DEFINE_enum("scale", "full", ["full", "smoke"], "full: `make replicate`; smoke: seconds (tests).")
+
+SCHEDULES = ("mlm40", "clm", "clm25_mlm40", "clm50_mlm40", "clm75_mlm40")
+KEEP_FRACTIONS = (0.25, 0.5, 0.75)
+NEWS_TASKS = ("topic", "retrieval", "cloze_qa", "truecase")
+
+SCALES = {
+    "full": dict(steps=1500, cpt_steps=500, overrides=("train.eval_every=250", "train.checkpoint_every=250"),
+                 learning_rates=(3e-4, 1e-3, 3e-3), seeds=(0, 1, 2), tasks=NEWS_TASKS,
+                 ft_overrides=("steps=100", "eval_every=25")),
+    "smoke": dict(steps=20, cpt_steps=8,
+                  overrides=("train.batch_size=8", "train.seq_len=64", "train.eval_every=10",
+                             "train.checkpoint_every=10", "train.eval_batches=2"),
+                  learning_rates=(1e-3, 3e-3), seeds=(0, 1, 2), tasks=("topic",),
+                  ft_overrides=("steps=6", "eval_every=3", "max_eval_examples=48")),
+}
+
+
+def pretrain_sweep(scale: dict) -> ml_collections.ConfigDict:
+    """The sweep config of stage 1 (see configs/sweeps/micro.py for the keys)."""
+    c = ml_collections.ConfigDict()
+    c.base = "configs/pretrain.py"
+    c.sizes = ("tiny",)
+    c.steps = (scale["steps"],)
+    c.schedules = SCHEDULES
+    c.seeds = (0,)
+    c.keep_fractions = KEEP_FRACTIONS
+    c.branch = "resume"
+    c.overrides = scale["overrides"]
+    c.finetune = ml_collections.ConfigDict(dict(config="", overrides=()))
+    return c
+
+
+def _stage(title: str) -> None:
+    print(f"\n== {title}", flush=True)
+
+
+def run_pretraining(workdir: str, scale: dict) -> dict:
+    from mlm_vs_clm import sweep_runner as sweep
+
+    sweep_dir = os.path.join(workdir, "pretrain")
+    runs = sweep.write_plan(sweep_dir, pretrain_sweep(scale))
+    failed = sweep.run_local(sweep_dir, runs)
+    if failed:
+        raise RuntimeError(f"pretraining runs failed: {', '.join(failed)} (logs under {sweep_dir}/runs)")
+    sweep.collect(sweep_dir)
+    return {r["schedule"]: sweep.run_dir(sweep_dir, r["id"]) for r in runs}
+
+
+def run_cpt(workdir: str, scale: dict, sources: dict) -> dict:
+    """MLM-40 continued pretraining from the CLM and the MLM runs' final checkpoints."""
+    from mlm_vs_clm import sweep_runner as sweep
+
+    out = {}
+    for name in ("clm", "mlm40"):
+        rdir = os.path.join(workdir, "cpt", f"from_{name}")
+        out[name] = rdir
+        done = os.path.join(rdir, "done.json")
+        if os.path.isfile(done):
+            continue
+        os.makedirs(rdir, exist_ok=True)
+        args = ["mlm_vs_clm.train", "--config=configs/pretrain.py:tiny,mlm40", f"--workdir={rdir}",
+                f"--config.init_from={sources[name]}", f"--config.train.steps={scale['cpt_steps']}",
+                "--config.train.progress=False"]
+        args += [f"--config.{kv}" for kv in scale["overrides"]]
+        start = time.time()
+        print(f"cpt: MLM-40 for {scale['cpt_steps']} steps from the {name} run", flush=True)
+        sweep._subprocess(args, os.path.join(rdir, "train.log"))
+        with open(done, "w") as f:
+            json.dump({"wall_s": time.time() - start, **sweep._final_metrics(rdir)}, f)
+    return out
+
+
+def finetune(workdir: str, name: str, checkpoints: list[str], scale: dict, learning_rates) -> str:
+    from mlm_vs_clm import sweep_runner as sweep
+
+    ft_dir = os.path.join(workdir, name)
+    os.makedirs(ft_dir, exist_ok=True)
+    args = ["mlm_vs_clm.finetune", "--config=configs/finetune.py:news_quick", f"--workdir={ft_dir}",
+            f"--config.checkpoints={tuple(checkpoints)!r}", f"--config.tasks={','.join(scale['tasks'])}",
+            f"--config.learning_rates={tuple(learning_rates)!r}", f"--config.seeds={tuple(scale['seeds'])!r}",
+            "--config.progress=False"] + [f"--config.{kv}" for kv in scale["ft_overrides"]]
+    print(f"finetune: {len(checkpoints)} checkpoints x {len(scale['tasks'])} tasks x {len(learning_rates)} "
+          f"learning rates x {len(scale['seeds'])} seeds -> {ft_dir}", flush=True)
+    sweep._subprocess(args, os.path.join(ft_dir, "finetune.log"))
+    return ft_dir
+
+
+def intermediate_checkpoints(run_dir: str, steps: int) -> list[str]:
+    return [os.path.join(run_dir, "checkpoints", str(int(round(f * steps)))) for f in KEEP_FRACTIONS]
+
+
+def main(argv) -> int:
+    del argv
+    from mlm_vs_clm import replication_report
+
+    scale = SCALES[FLAGS.scale]
+    workdir, report_dir = os.path.abspath(FLAGS.workdir), os.path.abspath(FLAGS.report_dir)
+    start = time.time()
+    try:
+        _stage(f"1/4 pretraining: tiny, {scale['steps']} steps, {', '.join(SCHEDULES)}")
+        runs = run_pretraining(workdir, scale)
+        _stage(f"2/4 continued pretraining: {scale['cpt_steps']} MLM-40 steps from the CLM and MLM runs")
+        cpt = run_cpt(workdir, scale, runs)
+        finals = [runs[s] for s in SCHEDULES] + [cpt["clm"], cpt["mlm40"]]
+        _stage("3/4 fine-tuning the final checkpoints (learning rates x seeds)")
+        final_dir = finetune(workdir, "finetune_final", finals, scale, scale["learning_rates"])
+        _stage("4/4 fine-tuning the intermediate checkpoints of the MLM and CLM runs")
+        middle = intermediate_checkpoints(runs["mlm40"], scale["steps"]) + intermediate_checkpoints(
+            runs["clm"], scale["steps"])
+        default_lr = 1e-3 if 1e-3 in scale["learning_rates"] else scale["learning_rates"][0]
+        middle_dir = finetune(workdir, "finetune_intermediate", middle, scale, (default_lr,))
+    except RuntimeError as e:
+        print(f"replicate: {e}", file=sys.stderr)
+        return 1
+    path = replication_report.write(
+        report_dir, runs=runs, cpt=cpt, final_dir=final_dir, middle_dir=middle_dir, scale=scale,
+        scale_name=FLAGS.scale, pretrain_csv=os.path.join(workdir, "pretrain", "results.csv"),
+        elapsed_s=time.time() - start,
+    )
+    print(f"\nreplicate: wrote {path} ({time.time() - start:.0f} s)")
+    with open(path) as f:
+        text = f.read()
+    end = text.find("## 1 and 3")
+    print(text[:end] if end > 0 else text)
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(lambda argv: sys.exit(main(argv)))

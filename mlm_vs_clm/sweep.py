@@ -1,0 +1,100 @@
+"""Scaling sweeps: `python -m mlm_vs_clm.sweep --config=configs/sweeps/NAME.py --workdir=DIR --backend=...`
+
+Runs a grid of pretraining runs (sizes x step budgets x objective schedules x seeds, see
+sweep_plan.py), optionally fine-tunes every final checkpoint, collects DIR/results.csv (and
+DIR/finetune.csv) and fits and plots the results (sweep_analysis.py). Backends:
+  local  runs everything here, `--parallel=N` runs at a time (branches wait for their trunk)
+  slurm  writes DIR/slurm/stage{1,2}.sbatch (arrays over launch/slurm.sbatch) and submits them,
+         stage 2 (branch runs) after stage 1 (`--dependency=afterok`)
+  print  prints one shell command per run, trunks first, for any other scheduler
+Rerunning skips finished runs (DIR/runs/ID/done.json) and resumes unfinished ones.
+
+Other verbs: `sweep analyze --workdir=DIR` (collect + fit + plots + summary.md);
+`sweep run-one --workdir=DIR --run=ID` (what each backend runs for one run).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from mlm_vs_clm.config import ConfigError
+from mlm_vs_clm.sweep_runner import (PLAN_FILE, plan_run, analyze, collect, finish, load_plan, prepare,
+                                     print_backend, run_local, run_one, write_plan)
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Sweep config, e.g. configs/sweeps/micro.py.")
+flags.DEFINE_string("workdir", None, "Sweep directory: runs/, results.csv, plots, summary.md.")
+flags.DEFINE_enum("backend", "local", ["local", "slurm", "print"], "Where the runs run.")
+flags.DEFINE_integer("parallel", 1, "local backend: runs at a time.")
+flags.DEFINE_string("run", None, "run-one: the run id.")
+flags.DEFINE_float("wall_s", 0.0, "finish: seconds the training took (the slurm stage scripts pass it).")
+flags.DEFINE_string("sbatch_args", "", "slurm backend: extra sbatch options, e.g. '--nodes=2 --time=24:00:00'.")
+
+
+def main(argv) -> int:
+    verb = argv[1] if len(argv) > 1 else "run"
+    if verb not in ("run", "analyze", "run-one", "collect", "prepare", "finish"):
+        print(f"sweep: unknown verb {verb!r} (run, analyze, collect, run-one, prepare, finish)", file=sys.stderr)
+        return 2
+    if not FLAGS.workdir:
+        print("sweep: --workdir is required", file=sys.stderr)
+        return 2
+    workdir = os.path.abspath(FLAGS.workdir)
+    try:
+        if verb == "analyze":
+            analyze(workdir)
+            return 0
+        if verb == "collect":
+            print(f"sweep: wrote {collect(workdir)}")
+            return 0
+        if verb in ("run-one", "prepare", "finish"):
+            if not FLAGS.run:
+                raise ConfigError(f"{verb}: --run=ID is required")
+            if verb == "run-one":
+                run_one(workdir, FLAGS.run)
+            else:
+                saved = load_plan(workdir)
+                run = plan_run(saved, workdir, FLAGS.run)
+                if verb == "prepare":
+                    prepare(workdir, run)
+                else:
+                    finish(workdir, run, saved["sweep"], FLAGS.wall_s)
+            return 0
+        if FLAGS.config is None:
+            raise ConfigError("--config is required (e.g. --config=configs/sweeps/micro.py)")
+        runs = write_plan(workdir, FLAGS.config)
+    except (ConfigError, RuntimeError) as e:
+        print(f"sweep: {e}", file=sys.stderr)
+        return 2 if isinstance(e, ConfigError) else 1
+    n_branch = sum(bool(r["branch_from"]) for r in runs)
+    saved = sum(r["saved_flops"] for r in runs)
+    total = sum(r["flops"] for r in runs)
+    print(f"sweep: {len(runs)} runs ({n_branch} branch from a CLM trunk, saving {saved:.3g} of {total:.3g} "
+          f"FLOPs, {100 * saved / max(total, 1):.0f} %); plan in {os.path.join(workdir, PLAN_FILE)}", flush=True)
+    if FLAGS.backend == "print":
+        print_backend(workdir, runs)
+        return 0
+    if FLAGS.backend == "slurm":
+        from mlm_vs_clm.sweep_slurm import slurm_backend
+
+        try:
+            slurm_backend(workdir, runs, FLAGS.sbatch_args)
+        except RuntimeError as e:
+            print(f"sweep: {e}", file=sys.stderr)
+            return 1
+        return 0
+    failed = run_local(workdir, runs, FLAGS.parallel)
+    analyze(workdir)
+    return 1 if failed else 0
+
+
+def run():
+    app.run(lambda argv: sys.exit(main(argv)))
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,192 @@
+"""A sweep's grid -> the list of pretraining runs, with the CLM trunks that branches reuse.
+
+A sweep config (configs/sweeps/*.py) declares:
+  base       pretraining config file, `configs/pretrain.py`
+  sizes      ("tiny", "tiny-d128=tiny:model.hidden_size=128,model.ffn_size=384", ...):
+             a preset name, or LABEL=PRESET:KEY=VALUE,... (a dimension scaling of a preset)
+  steps      step budgets, (100, 300)
+  schedules  objective schedules, ("mlm40", "clm", "clm25_mlm40", ...) (schedules.py syntax)
+  seeds      (0,)
+  overrides  ("train.eval_batches=2", ...) applied to every run
+  keep_fractions  (0.25, 0.5) keeps every run's checkpoints at these fractions of its steps
+             (intermediate checkpoints, e.g. for data-efficiency curves); () = none
+  branch     'resume': biphasic runs continue from their CLM trunk's checkpoint kept at the
+             switch step (the trunk is the pure CLM run of the same size, budget and seed;
+             it is added when the grid lacks it); 'none': every run trains from scratch
+  finetune   config ('' = none), overrides: a fine-tuning suite run on each final checkpoint
+
+Why branching is exact: a run's first S steps depend only on the seed, the data stream, the
+objective at those steps and a learning-rate schedule that is a function of the step and
+the total steps (the re-warmup at a switch acts only after it). A CLM-then-MLM run and the
+pure CLM run of the same budget therefore agree bit for bit up to the switch, and resuming
+the CLM run's checkpoint at the switch (optimizer and data iterator included) is the same
+as training the prefix again (tests/test_sweep.py checks the losses are identical).
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import os
+import re
+
+from mlm_vs_clm.config import ConfigError, load_config
+
+BRANCH_MODES = ("resume", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class Size:
+    label: str
+    preset: str
+    overrides: tuple[tuple[str, str], ...] = ()
+
+
+@dataclasses.dataclass
+class Run:
+    id: str
+    size: Size
+    steps: int
+    schedule: str
+    seed: int
+    clm_steps: int  # steps trained with CLM (the prefix for a biphasic schedule)
+    mask_ratio: float  # of the first MLM phase; 0 for pure CLM
+    branch_from: str = ""  # the trunk run whose checkpoint at `branch_step` this run resumes
+    branch_step: int = 0
+    keep_steps: tuple[int, ...] = ()  # checkpoints a trunk keeps for its branches
+    in_grid: bool = True  # False: a trunk added only to be branched from
+
+    @property
+    def clm_fraction(self) -> float:
+        return self.clm_steps / self.steps
+
+    def config_spec(self, base: str) -> str:
+        return f"{base}:{self.size.preset},{self.schedule}"
+
+    def overrides(self, common: tuple[tuple[str, str], ...]) -> list[tuple[str, str]]:
+        """(key, value-as-typed-on-a-command-line) pairs, later ones win."""
+        out = list(common) + list(self.size.overrides)
+        out += [("seed", str(self.seed)), ("train.steps", str(self.steps))]
+        if self.keep_steps:
+            out.append(("train.keep_steps", "(" + ",".join(str(s) for s in self.keep_steps) + ",)"))
+        return out
+
+    def train_args(self, base: str, workdir: str, common) -> list[str]:
+        return [f"--config={self.config_spec(base)}", f"--workdir={workdir}"] + [
+            f"--config.{k}={v}" for k, v in self.overrides(common)
+        ]
+
+    def load_config(self, base: str, common):
+        return load_config(self.config_spec(base), {k: parse_value(v) for k, v in self.overrides(common)})
+
+
+def parse_value(text: str):
+    """A command-line value as ml_collections would read it: a Python literal, else a string."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def parse_size(spec: str) -> Size:
+    label, eq, rest = spec.partition("=")
+    if not eq:
+        return Size(spec.strip(), spec.strip())
+    preset, _, kvs = rest.partition(":")
+    pairs = []
+    for kv in filter(None, (p.strip() for p in kvs.split(","))):
+        k, eq2, v = kv.partition("=")
+        if not eq2 or not k:
+            raise ConfigError(f"sizes: {spec!r}: expected LABEL=PRESET:KEY=VALUE,..., got {kv!r}")
+        pairs.append((k.strip(), v.strip()))
+    return Size(label.strip(), preset.strip(), tuple(pairs))
+
+
+def parse_overrides(items) -> tuple[tuple[str, str], ...]:
+    out = []
+    for item in items:
+        k, eq, v = str(item).partition("=")
+        if not eq or not k.strip():
+            raise ConfigError(f"overrides: expected KEY=VALUE, got {item!r}")
+        out.append((k.strip().removeprefix("--config."), v.strip()))
+    return tuple(out)
+
+
+def _clm_prefix(schedule: str, steps: int) -> tuple[int, float]:
+    """(CLM steps at the start, mask ratio of the first MLM phase) of a schedule."""
+    from mlm_vs_clm import schedules
+
+    try:
+        sched = schedules.objective_schedule(schedule, steps)
+    except ValueError as e:
+        raise ConfigError(f"schedules: {e}") from e
+    objs = sched.objectives
+    if objs[0].kind != "clm":
+        return 0, objs[0].mask_ratio
+    if len(objs) == 1:
+        return steps, 0.0
+    if any(o.kind == "clm" for o in objs[1:]):
+        raise ConfigError(f"schedules: {schedule!r}: only one CLM phase, at the start, is supported")
+    return sched.starts[1], objs[1].mask_ratio
+
+
+def run_dir(workdir: str, run_id: str) -> str:
+    return os.path.join(workdir, "runs", run_id)
+
+
+def is_done(workdir: str, run_id: str) -> bool:
+    """A run is done when DIR/runs/ID/done.json exists (written last, atomically)."""
+    return os.path.isfile(os.path.join(run_dir(workdir, run_id), "done.json"))
+
+
+def run_id(size: str, steps: int, schedule: str, seed: int) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", f"{size}_{steps}_{schedule}_s{seed}")
+
+
+def plan(sweep) -> list[Run]:
+    """Every run of the grid (trunks first), validated; raises ConfigError with one line."""
+    if sweep.branch not in BRANCH_MODES:
+        raise ConfigError(f"branch: {sweep.branch!r} is not one of {', '.join(BRANCH_MODES)}")
+    for key in ("sizes", "steps", "schedules", "seeds"):
+        if not tuple(sweep[key]):
+            raise ConfigError(f"{key}: the grid needs at least one value")
+    if any(not 0 < float(f) < 1 for f in sweep.get("keep_fractions", ())):
+        raise ConfigError(f"keep_fractions: {tuple(sweep.keep_fractions)} must lie strictly between 0 and 1")
+    sizes = [parse_size(s) for s in sweep.sizes]
+    if len({s.label for s in sizes}) != len(sizes):
+        raise ConfigError("sizes: two sizes share a label")
+    common = parse_overrides(sweep.overrides)
+    runs: list[Run] = []
+    for size in sizes:
+        for steps in sweep.steps:
+            if int(steps) <= 0:
+                raise ConfigError(f"steps: {steps} is not a positive step count")
+            for seed in sweep.seeds:
+                runs += _budget_runs(sweep, size, int(steps), int(seed))
+    for run in runs[:1] + [r for r in runs if r.size.label != runs[0].size.label][:1]:
+        try:
+            run.load_config(sweep.base, common)  # unknown presets and keys fail here, once per size
+        except (ValueError, KeyError) as e:
+            raise ConfigError(f"run {run.id}: {e}") from e
+    return runs
+
+
+def _budget_runs(sweep, size: Size, steps: int, seed: int) -> list[Run]:
+    runs = []
+    keep = tuple(sorted({int(round(f * steps)) for f in sweep.get("keep_fractions", ())} - {0, steps}))
+    for schedule in dict.fromkeys(sweep.schedules):
+        clm_steps, ratio = _clm_prefix(schedule, steps)
+        runs.append(Run(run_id(size.label, steps, schedule, seed), size, steps, schedule, seed, clm_steps, ratio,
+                        keep_steps=keep))
+    branches = [r for r in runs if 0 < r.clm_steps < steps]
+    if sweep.branch != "resume" or not branches:
+        return runs
+    trunk = next((r for r in runs if r.clm_steps == steps), None)
+    if trunk is None:
+        trunk = Run(run_id(size.label, steps, "clm", seed), size, steps, "clm", seed, steps, 0.0, keep_steps=keep,
+                    in_grid=False)
+        runs.insert(0, trunk)
+    trunk.keep_steps = tuple(sorted(set(trunk.keep_steps) | {r.clm_steps for r in branches}))
+    for r in branches:
+        r.branch_from, r.branch_step = trunk.id, r.clm_steps
+    return [trunk] + [r for r in runs if r is not trunk]

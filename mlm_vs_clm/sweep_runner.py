@@ -1,0 +1,272 @@
+"""The sweep's machinery (no flags: importable from other tools): the plan on disk, one run
+(prepare a branch, train, fine-tune, record), the local and print backends, and collection.
+The command line is mlm_vs_clm/sweep.py; the grid is sweep_plan.py.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+
+from mlm_vs_clm import sweep_plan
+from mlm_vs_clm.config import ConfigError
+from mlm_vs_clm.sweep_plan import is_done, run_dir
+
+PLAN_FILE = "plan.json"
+
+
+def _python() -> str:
+    return sys.executable
+
+
+# ---------------------------------------------------------------- one run
+
+
+def prepare(workdir: str, run: dict) -> None:
+    """A branch run with no checkpoint of its own starts from a copy of its trunk's
+    checkpoint at the switch step (hard links where possible), with the trunk's tokenizer and
+    metrics up to that step."""
+    if not run["branch_from"]:
+        return
+    rdir = run_dir(workdir, run["id"])
+    ckpts = os.path.join(rdir, "checkpoints")
+    if os.path.isdir(ckpts) and any(name.isdigit() for name in os.listdir(ckpts)):
+        return  # resumed earlier (or finished): its own checkpoints win
+    trunk = run_dir(workdir, run["branch_from"])
+    src = os.path.join(trunk, "checkpoints", str(run["branch_step"]))
+    if not os.path.isdir(src):
+        raise ConfigError(
+            f"run {run['id']}: trunk {run['branch_from']} has no checkpoint at step {run['branch_step']} ({src})"
+        )
+    os.makedirs(ckpts, exist_ok=True)
+    tmp = os.path.join(ckpts, f".copy-{run['branch_step']}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp, copy_function=_link_or_copy)
+    os.replace(tmp, os.path.join(ckpts, str(run["branch_step"])))  # atomic: never a half copy
+    if os.path.isdir(os.path.join(trunk, "tokenizer")) and not os.path.isdir(os.path.join(rdir, "tokenizer")):
+        shutil.copytree(os.path.join(trunk, "tokenizer"), os.path.join(rdir, "tokenizer"))
+    metrics = os.path.join(trunk, "metrics.jsonl")
+    if os.path.isfile(metrics):
+        with open(metrics) as f:
+            kept = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= run["branch_step"]]
+        with open(os.path.join(rdir, "metrics.jsonl"), "w") as f:
+            f.writelines(kept)
+
+
+def _link_or_copy(src, dst):
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def finish(workdir: str, run: dict, sweep: dict, wall_s: float) -> dict:
+    """After training: the fine-tuning suite (if any), then DIR/runs/ID/done.json."""
+    rdir = run_dir(workdir, run["id"])
+    final = _final_metrics(rdir)
+    if final.get("step") != run["steps"]:
+        raise RuntimeError(f"run {run['id']}: training has not reached step {run['steps']} "
+                           f"(last evaluation at step {final.get('step')}); rerun it to resume")
+    if sweep["finetune"]["config"] and run["in_grid"]:
+        args = ["mlm_vs_clm.finetune", f"--config={sweep['finetune']['config']}", f"--config.checkpoint={rdir}",
+                f"--workdir={os.path.join(rdir, 'finetune')}", "--config.progress=False"]
+        args += [f"--config.{k}={v}" for k, v in sweep_plan.parse_overrides(sweep["finetune"]["overrides"])]
+        _subprocess(args, os.path.join(rdir, "finetune.log"))
+    record = {"wall_s": wall_s, **final}
+    tmp = os.path.join(rdir, "done.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=1)
+    os.replace(tmp, os.path.join(rdir, "done.json"))
+    return record
+
+
+def _final_metrics(rdir: str) -> dict:
+    last = {}
+    path = os.path.join(rdir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        for line in f:
+            rec = json.loads(line)
+            if "val_mlm_loss" in rec:
+                last = rec
+    return {k: last.get(k) for k in ("step", "val_mlm_loss", "val_clm_loss", "val_mlm_accuracy", "val_clm_accuracy")}
+
+
+def _subprocess(args: list[str], log_path: str) -> None:
+    with open(log_path, "a") as log:
+        log.write("$ python -m " + " ".join(shlex.quote(a) for a in args) + "\n")
+        log.flush()
+        proc = subprocess.run([_python(), "-m", *args], stdout=log, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        with open(log_path) as f:
+            tail = [ln.strip() for ln in f.readlines() if ln.strip()][-1:]
+        raise RuntimeError(f"{args[0]} exited with status {proc.returncode}: {tail[0] if tail else ''} (log {log_path})")
+
+
+def plan_run(saved: dict, workdir: str, run_id: str) -> dict:
+    runs = {r["id"]: r for r in saved["runs"]}
+    if run_id not in runs:
+        raise ConfigError(f"run: {run_id!r} is not in {os.path.join(workdir, PLAN_FILE)}")
+    return runs[run_id]
+
+
+def run_one(workdir: str, run_id: str) -> dict:
+    """Prepare, train, fine-tune and record one run of the plan (skipped if done)."""
+    saved = load_plan(workdir)
+    run = plan_run(saved, workdir, run_id)
+    rdir = run_dir(workdir, run_id)
+    if is_done(workdir, run_id):
+        with open(os.path.join(rdir, "done.json")) as f:
+            return json.load(f)
+    os.makedirs(rdir, exist_ok=True)
+    prepare(workdir, run)
+    start = time.time()
+    _subprocess(["mlm_vs_clm.train", *run["train_args"], "--config.train.progress=False"],
+                os.path.join(rdir, "train.log"))
+    return finish(workdir, run, saved["sweep"], time.time() - start)
+
+
+# ---------------------------------------------------------------- the plan on disk
+
+
+def write_plan(workdir: str, sweep) -> list[dict]:
+    runs = sweep_plan.plan(sweep)
+    common = sweep_plan.parse_overrides(sweep.overrides)
+    records = []
+    for r in runs:
+        cfg = r.load_config(sweep.base, common)
+        records.append({
+            "id": r.id, "size": r.size.label, "steps": r.steps, "schedule": r.schedule, "seed": r.seed,
+            "clm_steps": r.clm_steps, "clm_fraction": r.clm_fraction, "mask_ratio": r.mask_ratio,
+            "branch_from": r.branch_from, "branch_step": r.branch_step, "in_grid": r.in_grid,
+            "train_args": r.train_args(sweep.base, run_dir(os.path.abspath(workdir), r.id), common),
+            "tokens_per_step": cfg.train.batch_size * cfg.train.seq_len,
+            **_compute(cfg, r),
+        })
+    os.makedirs(workdir, exist_ok=True)
+    tmp = os.path.join(workdir, PLAN_FILE + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump({"sweep": json.loads(sweep.to_json()), "runs": records}, f, indent=1)
+    os.replace(tmp, os.path.join(workdir, PLAN_FILE))
+    return records
+
+
+def _compute(cfg, run) -> dict:
+    """Parameters (non-embedding: blocks and final norm, neither input embedding nor head) and
+    analytic training FLOPs of the whole run and of its CLM prefix."""
+    from mlm_vs_clm.flops import train_flops_per_token
+    from mlm_vs_clm.model import ModelConfig
+
+    m = ModelConfig.from_config(cfg.model)
+    D, H = m.hidden_size, m.hidden_size // m.num_heads
+    per_layer = D * (m.num_heads + 2 * m.num_kv_heads) * H + m.num_heads * H * D + 3 * D * m.ffn_size + 2 * D
+    params = m.num_layers * per_layer + D
+    L, tokens_per_step = cfg.train.seq_len, cfg.train.batch_size * cfg.train.seq_len
+    clm = train_flops_per_token(m, L, "clm").per_token
+    mlm = train_flops_per_token(m, L, "mlm", run.mask_ratio or 0.4, cfg.mlm.sparse_head).per_token
+    prefix = clm * tokens_per_step * run.clm_steps
+    total = prefix + mlm * tokens_per_step * (run.steps - run.clm_steps)
+    return {"params": params, "tokens": tokens_per_step * run.steps, "flops": total,
+            "saved_flops": prefix if run.branch_from else 0.0}
+
+
+def load_plan(workdir: str) -> dict:
+    path = os.path.join(workdir, PLAN_FILE)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"sweep: no {PLAN_FILE} in {workdir} (run the sweep with --config first)") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"sweep: {path} is corrupt ({e}); run the sweep with --config again") from e
+
+
+# ---------------------------------------------------------------- backends
+
+
+def run_local(workdir: str, runs: list[dict], parallel: int = 1) -> list[str]:
+    """Runs every unfinished run here; returns the ids that failed."""
+    todo = [r for r in runs if not is_done(workdir, r["id"])]
+    skipped = len(runs) - len(todo)
+    if skipped:
+        print(f"sweep: {skipped} of {len(runs)} runs already done, skipped", flush=True)
+    failed: dict[str, str] = {}
+    pending = {r["id"]: r for r in todo}
+    running: dict = {}
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+        while pending or running:
+            for rid, r in list(pending.items()):
+                if len(running) >= max(1, parallel):
+                    break
+                dep = r["branch_from"]
+                if dep and dep in failed:
+                    failed[rid] = f"its trunk {dep} failed"
+                    del pending[rid]
+                elif not dep or is_done(workdir, dep) or dep not in {x["id"] for x in runs}:
+                    print(f"sweep: start {rid}" + (f" (from {dep} at step {r['branch_step']})" if dep else ""),
+                          flush=True)
+                    running[pool.submit(run_one, workdir, rid)] = rid
+                    del pending[rid]
+            if not running:
+                if pending:  # only branches of trunks that are neither done nor running
+                    for rid in pending:
+                        failed[rid] = "its trunk did not finish"
+                break
+            done, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+            for fut in done:
+                rid = running.pop(fut)
+                try:
+                    rec = fut.result()
+                    print(f"sweep: done  {rid}: val_mlm_loss {rec.get('val_mlm_loss')}, "
+                          f"val_clm_loss {rec.get('val_clm_loss')}, {rec['wall_s']:.0f} s", flush=True)
+                except Exception as e:  # noqa: BLE001 - one failed run does not stop the sweep
+                    failed[rid] = str(e)
+                    print(f"sweep: FAILED {rid}: {e}", file=sys.stderr, flush=True)
+    for rid, why in failed.items():
+        print(f"sweep: not done: {rid}: {why}", file=sys.stderr)
+    return list(failed)
+
+
+def commands(workdir: str, runs: list[dict]) -> list[tuple[int, str]]:
+    """(stage, shell command) per unfinished run: stage 2 runs need their stage-1 trunk done."""
+    out = []
+    for r in runs:
+        if is_done(workdir, r["id"]):
+            continue
+        cmd = " ".join(shlex.quote(a) for a in (_python(), "-m", "mlm_vs_clm.sweep", "run-one",
+                                                f"--workdir={os.path.abspath(workdir)}", f"--run={r['id']}"))
+        out.append((2 if r["branch_from"] else 1, cmd))
+    return out
+
+
+def print_backend(workdir: str, runs: list[dict]) -> None:
+    cmds = commands(workdir, runs)
+    for stage in (1, 2):
+        lines = [c for s, c in cmds if s == stage]
+        if lines:
+            print(f"# stage {stage}: {len(lines)} runs" + (" (after every stage-1 run has finished)" if stage == 2 else ""))
+            print("\n".join(lines))
+    print(f"# then: {_python()} -m mlm_vs_clm.sweep analyze --workdir={os.path.abspath(workdir)}")
+
+
+# ---------------------------------------------------------------- collect
+
+
+def collect(workdir: str) -> str:
+    from mlm_vs_clm.sweep_results import write_tables
+
+    return write_tables(workdir, load_plan(workdir))
+
+
+def analyze(workdir: str) -> None:
+    from mlm_vs_clm import sweep_analysis
+
+    print(f"sweep: wrote {collect(workdir)}")
+    sweep_analysis.main(workdir)
