@@ -1,10 +1,11 @@
-# Two commands for a fresh machine: `make demo` and `make test`. Each creates .venv if needed.
+# Two commands for a fresh machine: `make demo` and `make test` (and the longer `make replicate`).
+# Each creates .venv if needed.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: demo test venv clean
+.PHONY: demo test replicate venv clean
 
 $(VENV)/.installed-base: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +23,11 @@ venv: $(VENV)/.installed-all
 demo: $(VENV)/.installed-all
 	$(PY) -m mlm_vs_clm.demo --workdir=demo_runs
 
+replicate: $(VENV)/.installed-all
+	$(PY) -m mlm_vs_clm.replicate --workdir=replication_runs --report_dir=replication
+
 test: $(VENV)/.installed-all
 	$(PY) -m pytest -n 2 -q tests
 
 clean:
-	rm -rf $(VENV) demo_runs
+	rm -rf $(VENV) demo_runs replication_runs
