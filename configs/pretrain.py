@@ -47,6 +47,9 @@ def _size_config(name: str) -> ml_collections.ConfigDict:
     c.seed = 0
     c.init_from = ""
     c.init_from_allow_missing = False
+    # With init_from: take the architecture (model.vocab_size ... norm_eps), the special token
+    # ids and the tokenizer of the source checkpoint, so `--config.init_from=DIR` alone suffices.
+    c.init_from_architecture = True
 
     c.model = ml_collections.ConfigDict(
         dict(

@@ -23,6 +23,15 @@ REMAT_POLICIES = {
 }
 
 
+# The config keys (under `model.`) that fix the parameter shapes and the function computed;
+# the rest (dtype, attention kernel, remat, scan) are how it is run.
+ARCHITECTURE_KEYS = (
+    "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_size", "rope_theta",
+    "rope_scaling", "rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+    "rope_original_max_position", "norm_eps",
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int

@@ -71,6 +71,35 @@ def initial_state(setup, checkpointer, data_iter, config):
     return train_state.init_state(setup, config.seed), 0, "started from scratch"
 
 
+def adopt_architecture(config, source: str) -> None:
+    """The source checkpoint's architecture, special token ids and tokenizer, into `config`."""
+    from mlm_vs_clm.model import ARCHITECTURE_KEYS
+
+    try:
+        step_dir = ckpt_lib.resolve_step_dir(source)
+        src = ckpt_lib.read_config(step_dir)
+    except ckpt_lib.CheckpointError as e:
+        raise ConfigError(f"init_from: {e}") from e
+    changed = []
+    for key in ARCHITECTURE_KEYS:
+        if key in src.model and config.model[key] != src.model[key]:
+            changed.append(f"model.{key}={src.model[key]}")
+            config.model[key] = src.model[key]
+    for key in ("pad_id", "unk_id", "bos_id", "eos_id", "mask_id", "special_ids"):
+        value = src.tokens.get(key)
+        if isinstance(value, list):
+            value = tuple(value)
+        if value is not None and config.tokens[key] != value:
+            config.tokens[key] = value
+    tokenizer_dir = os.path.join(ckpt_lib.run_dir_of(step_dir), "tokenizer")
+    if not config.data.tokenizer and os.path.isdir(tokenizer_dir):
+        config.data.tokenizer = tokenizer_dir
+        changed.append(f"data.tokenizer={tokenizer_dir}")
+    if changed:
+        print(f"init_from: using the source checkpoint's {', '.join(changed)} (init_from_architecture=False "
+              "keeps the config's own)", flush=True)
+
+
 def _fill_missing(partial, fresh):
     """`partial` (restored parameters) completed with the `fresh` ones it lacks."""
     if isinstance(fresh, dict):
@@ -105,6 +134,8 @@ def train(config, workdir: str, devices=None) -> dict:
         aot.mesh_layouts().apply_mesh_layout(
             config, config.mesh.layout, len(devices), config.mesh.devices_per_node or None
         )
+    if config.init_from and config.get("init_from_architecture", False):
+        adopt_architecture(config, config.init_from)
     validate(config, len(devices))
     os.makedirs(workdir, exist_ok=True)
     tokenizer = pipeline.prepare_tokenizer(config, workdir)

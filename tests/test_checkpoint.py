@@ -170,6 +170,19 @@ def test_init_from_clm_run_gives_fresh_optimizer(corpus, reference_run, tmp_path
     assert all(float(np.abs(x).max()) == 0.0 for x in jax.tree.leaves(mu))
 
 
+def test_init_from_takes_the_source_architecture(corpus, reference_run, tmp_path, capsys):
+    config = _config(corpus, "mlm40", **{"model.ffn_size": 96, "train.steps": 2, "train.eval_every": 2})
+    config.init_from = reference_run
+    train(config, str(tmp_path / "run"), devices=jax.devices()[:1])
+    assert "init_from: using the source checkpoint's model.ffn_size=192" in capsys.readouterr().out
+    with open(tmp_path / "run" / "config.json") as f:
+        assert json.load(f)["model"]["ffn_size"] == 192
+    config = _config(corpus, "mlm40", **{"model.ffn_size": 96, "train.steps": 2})
+    config.init_from, config.init_from_architecture = reference_run, False
+    with pytest.raises(ckpt_lib.CheckpointError, match="gate_proj"):
+        train(config, str(tmp_path / "own"), devices=jax.devices()[:1])
+
+
 def test_init_from_mismatch_is_a_clear_error(corpus, reference_run, tmp_path):
     config = _config(corpus, "mlm40", **{"model.ffn_size": 96})
     config.init_from = reference_run

@@ -184,20 +184,13 @@ def convert_hf(hf_dir: str, tokenizer_dir: str, scan_layers: bool = True, base_c
     return config, params, tokenizer
 
 
-ARCHITECTURE_KEYS = (
-    "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_size", "rope_theta",
-    "rope_scaling", "rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor",
-    "rope_original_max_position", "norm_eps",
-)
 
 
 def init_from_flags(config, out: str) -> list[str]:
-    """The train flags that start a run from the imported checkpoint at `out`."""
-    flags = [f"--config.init_from={out}", f"--config.data.tokenizer={os.path.join(out, 'tokenizer')}"]
-    flags += [f"--config.model.{k}={config.model[k]}" for k in ARCHITECTURE_KEYS]
-    flags += [f"--config.tokens.{r}_id={config.tokens[f'{r}_id']}" for r in ("pad", "unk", "bos", "eos", "mask")
-              if config.tokens[f"{r}_id"] is not None]
-    return flags
+    """The train flags that start a run from the imported checkpoint at `out` (the run takes
+    the checkpoint's architecture, token ids and tokenizer itself: `init_from_architecture`)."""
+    del config
+    return [f"--config.init_from={out}"]
 
 
 def import_hf(hf_dir: str, out: str, scan_layers: bool = True, base_config: str = "configs/pretrain.py:tiny"):
