@@ -199,6 +199,30 @@ class Block(nn.Module):
         return x_BxLxD, None
 
 
+class Embed(nn.Module):
+    """Token embedding table [V, D] (parameter `embedding`, sharded vocab x embed).
+
+    The lookup first gathers the table over the `embed` (fsdp) axis, as FSDP does for every
+    weight, keeping it split by vocabulary: a gather whose output were split along D would
+    need an all-to-all into the batch-sharded activations, which XLA's SPMD partitioner can
+    only do by replicating the whole tensor.
+    """
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens_BxL):
+        cfg = self.cfg
+        table_VxD = self.param(
+            "embedding",
+            nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), ("vocab", "embed")),
+            (cfg.vocab_size, cfg.hidden_size),
+            jnp.dtype(cfg.param_dtype),
+        )
+        table_VxD = nn.with_logical_constraint(table_VxD.astype(jnp.dtype(cfg.dtype)), ("vocab", None))
+        return jnp.take(table_VxD, tokens_BxL, axis=0)
+
+
 class Encoder(nn.Module):
     """Token embedding, S blocks, final RMSNorm: hidden states [B, L, D]."""
 
@@ -209,14 +233,7 @@ class Encoder(nn.Module):
         cfg = self.cfg
         if mask_mode not in MASK_MODES:
             raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
-        x_BxLxD = nn.Embed(
-            cfg.vocab_size,
-            cfg.hidden_size,
-            dtype=jnp.dtype(cfg.dtype),
-            param_dtype=jnp.dtype(cfg.param_dtype),
-            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), ("vocab", "embed")),
-            name="embed",
-        )(tokens_BxL)
+        x_BxLxD = Embed(cfg, name="embed")(tokens_BxL)
         x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("activation_batch", "activation_length", "activation_embed"))
         mask_Bx1xLxL = attention_mask(segment_ids_BxL)
         cos_BxLxH, sin_BxLxH = rope_tables(positions_BxL, cfg)

@@ -91,3 +91,23 @@ def test_1b_blocks_alone():
     abstract = jax.eval_shape(lambda r: init_params(cfg, r), jax.random.PRNGKey(0))
     blocks = sum(np.prod(x.shape) for x in jax.tree.leaves(nn.meta.unbox(abstract)["encoder"]["layers"]))
     assert abs(blocks - 966e6) / 966e6 < 0.01
+
+
+def test_no_involuntary_full_rematerialization_on_a_3d_mesh(capfd):
+    """The embedding lookup must not force XLA to replicate activations (2x2x2 mesh)."""
+    from mlm_vs_clm import sharding, step, train_state
+    from mlm_vs_clm.schedules import Objective
+    from tests.helpers import packed_batch, tiny_config
+
+    config = tiny_config("clm", **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
+    setup = train_state.build(config, sharding.make_mesh(config.mesh, jax.devices()))
+    state = train_state.init_state(setup, 0)
+    batch = {k: jax.device_put(v, sharding.batch_sharding(setup.mesh)) for k, v in packed_batch().items()}
+    jax.config.update("jax_enable_compilation_cache", False)  # a cache hit would skip the partitioner
+    try:
+        capfd.readouterr()
+        for obj in (Objective("clm"), Objective("mlm", 0.4)):
+            state, _ = step.compiled_train_step(setup, obj)(state, batch)
+    finally:
+        jax.config.update("jax_enable_compilation_cache", True)
+    assert "Involuntary full rematerialization" not in capfd.readouterr().err
