@@ -30,9 +30,30 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
     return tuple(sizes)
 
 
+def multislice_grid(shape: tuple[int, int, int], devices) -> np.ndarray | None:
+    """Devices on several TPU slices (distinct `slice_index`) arranged [data, fsdp, tensor] so
+    that `fsdp` and `tensor` stay inside a slice (ICI) and only `data` crosses slices (DCN);
+    None on a single slice or on devices without slices."""
+    slices = {getattr(d, "slice_index", None) for d in devices}
+    if len(slices) <= 1 or None in slices:
+        return None
+    n = len(slices)
+    if shape[0] % n:
+        raise ValueError(
+            f"mesh: the devices span {n} TPU slices, so mesh.data must be a multiple of {n} "
+            f"(fsdp and tensor stay inside a slice); got (data, fsdp, tensor) = {shape}"
+        )
+    from jax.experimental import mesh_utils
+
+    return mesh_utils.create_hybrid_device_mesh((shape[0] // n, shape[1], shape[2]), (n, 1, 1), devices)
+
+
 def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
     devices = list(devices if devices is not None else jax.devices())
     shape = mesh_shape(mesh_cfg, len(devices))
+    grid = multislice_grid(shape, devices)
+    if grid is not None:
+        return jax.sharding.Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
     if devices == list(jax.devices()):
         return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
     return jax.sharding.Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
