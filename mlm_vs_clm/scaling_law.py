@@ -1,0 +1,188 @@
+"""The parametric scaling law L(N, D) = E + A / N^alpha + B / D^beta: fit, confidence
+intervals and the compute-optimal frontier.
+
+N is the number of parameters without the input embedding, D the number of training tokens,
+L a validation loss.
+
+Fit. The parameters are fitted as theta = (log E, log A, alpha, log B, beta), which keeps E, A
+and B positive, on the residuals r_i = log L_hat(N_i, D_i) - log L_i (relative errors, so that
+large and small losses weigh alike) with scipy's `least_squares` and a Huber loss of scale
+0.01: residuals below 1 % of the loss (run-to-run noise) count quadratically, larger ones
+(a run that went wrong) only linearly, so one bad run cannot drag the fit. The law is
+non-convex in the exponents, so the fit starts from several points: on a grid of
+(E, alpha, beta) the law is linear in A and B, which a non-negative least-squares solve gives
+exactly; the best grid points start the robust fit and the lowest final cost wins.
+Exponents are kept in [0.01, 3]; a parameter that ends on its bound is reported in
+`at_bound` (its interval then means little).
+
+Confidence intervals. From the Jacobian J of the residuals at the optimum:
+cov(theta) = s^2 (J^T J)^-1 with s^2 = sum r_i^2 / (n - 5), and 95 % intervals
+theta +- t_{0.975, n-5} * se, the usual linearised least-squares intervals (the Huber loss is
+treated as least squares here, exact when no residual exceeds 1 %). E, A and B get their
+interval in log space, exponentiated (so it stays positive and is asymmetric); their
+standard error is the delta-method one, value * se(log value).
+
+Identifiability. With two distinct model sizes A / N^alpha takes two values, so E, A and alpha
+cannot be told apart (likewise B, beta with two token counts): a fit needs >= 3 distinct N,
+>= 3 distinct D and >= 6 points (5 parameters and one degree of freedom for the errors).
+
+Frontier. With training compute approximated as C = 6 N D, minimising L(N, C / (6 N)) gives
+N_opt = G (C/6)^(beta/(alpha+beta)), D_opt = C / (6 N_opt), G = (alpha A / (beta B))^(1/(alpha+beta)).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import numpy as np
+
+PARAMS = ("E", "A", "alpha", "B", "beta")
+MIN_POINTS = 6
+MIN_DISTINCT = 3
+HUBER_SCALE = 0.01
+EXPONENT_BOUNDS = (0.01, 3.0)
+
+
+class TooFewPoints(ValueError):
+    """The points cannot determine the five parameters; the message says why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LawFit:
+    E: float
+    A: float
+    alpha: float
+    B: float
+    beta: float
+    se: dict  # name -> standard error
+    ci95: dict  # name -> (low, high)
+    rmse: float  # root mean square of L_hat - L, in loss units
+    n_points: int
+    n_sizes: int
+    n_token_counts: int
+    at_bound: tuple = ()
+
+    def predict(self, N, D) -> np.ndarray:
+        N, D = np.asarray(N, float), np.asarray(D, float)
+        return self.E + self.A / N**self.alpha + self.B / D**self.beta
+
+    def to_dict(self) -> dict:
+        out = {k: getattr(self, k) for k in PARAMS}
+        out.update(se=dict(self.se), ci95={k: list(v) for k, v in self.ci95.items()}, rmse=self.rmse,
+                   n_points=self.n_points, n_sizes=self.n_sizes, n_token_counts=self.n_token_counts,
+                   at_bound=list(self.at_bound))
+        return out
+
+
+def check_points(N, D, L) -> None:
+    """Raises TooFewPoints naming the shortfall (points, distinct sizes, distinct token counts)."""
+    n, ns, nd = len(L), len(set(np.asarray(N).tolist())), len(set(np.asarray(D).tolist()))
+    if n >= MIN_POINTS and ns >= MIN_DISTINCT and nd >= MIN_DISTINCT:
+        return
+    raise TooFewPoints(f"{n} point{'s' * (n != 1)}, {ns} distinct model size{'s' * (ns != 1)}, {nd} distinct "
+                       f"token count{'s' * (nd != 1)}: need >= {MIN_DISTINCT} sizes, >= {MIN_DISTINCT} token "
+                       f"counts and >= {MIN_POINTS} points to fit 5 parameters")
+
+
+def _terms(theta, logN, logD):
+    e, a, alpha, b, beta = theta
+    tN, tD = np.exp(a - alpha * logN), np.exp(b - beta * logD)
+    return np.exp(e), tN, tD
+
+
+def _residuals(theta, logN, logD, logL):
+    E, tN, tD = _terms(theta, logN, logD)
+    return np.log(E + tN + tD) - logL
+
+
+def _jacobian(theta, logN, logD, logL):
+    E, tN, tD = _terms(theta, logN, logD)
+    pred = E + tN + tD
+    J_nx5 = np.stack([np.full_like(tN, E), tN, -logN * tN, tD, -logD * tD], axis=1)
+    return J_nx5 / pred[:, None]
+
+
+def _starts(logN, logD, L, keep: int = 6) -> list[np.ndarray]:
+    """Grid over (E, alpha, beta); A, B by non-negative least squares; the `keep` best in log error."""
+    from scipy.optimize import nnls
+
+    found = []
+    for frac, alpha, beta in itertools.product((0.05, 0.3, 0.6, 0.8, 0.95), np.geomspace(0.05, 2.0, 8),
+                                               np.geomspace(0.05, 2.0, 8)):
+        E = frac * L.min()
+        X_nx2 = np.stack([np.exp(-alpha * logN), np.exp(-beta * logD)], axis=1)
+        scale_2 = X_nx2.max(axis=0)
+        coef_2, _ = nnls(X_nx2 / scale_2, L - E)
+        A, B = np.maximum(coef_2 / scale_2, 1e-30)
+        pred = E + X_nx2 @ np.array([A, B])
+        found.append((float(np.sum((np.log(pred) - np.log(L)) ** 2)), [np.log(E), np.log(A), alpha, np.log(B), beta]))
+    found.sort(key=lambda x: x[0])
+    return [np.asarray(t) for _, t in found[:keep]]
+
+
+def fit_law(N, D, L) -> LawFit:
+    """Fits L = E + A/N^alpha + B/D^beta to points (N_i, D_i, L_i) (see the module docstring)."""
+    from scipy import stats
+    from scipy.optimize import least_squares
+
+    N, D, L = (np.asarray(x, float).ravel() for x in (N, D, L))
+    if not (len(N) == len(D) == len(L)):
+        raise ValueError(f"fit_law: N, D and L differ in length ({len(N)}, {len(D)}, {len(L)})")
+    if not (np.all(np.isfinite(N + D + L)) and np.all(N > 0) and np.all(D > 0) and np.all(L > 0)):
+        raise ValueError("fit_law: N, D and L must be finite and positive")
+    check_points(N, D, L)
+    logN, logD, logL = np.log(N), np.log(D), np.log(L)
+    lo_e, hi_e = np.log(L.min()) - 12.0, np.log(L.max()) + 1.0
+    lower = np.array([lo_e, -30.0, EXPONENT_BOUNDS[0], -30.0, EXPONENT_BOUNDS[0]])
+    upper = np.array([hi_e, 120.0, EXPONENT_BOUNDS[1], 120.0, EXPONENT_BOUNDS[1]])
+    best = None
+    for theta0 in _starts(logN, logD, L):
+        theta0 = np.clip(theta0, lower + 1e-9, upper - 1e-9)
+        res = least_squares(_residuals, theta0, jac=_jacobian, bounds=(lower, upper), loss="huber",
+                            f_scale=HUBER_SCALE, args=(logN, logD, logL), x_scale="jac", max_nfev=2000)
+        if best is None or res.cost < best.cost:
+            best = res
+    theta = best.x
+    r = _residuals(theta, logN, logD, logL)
+    J = _jacobian(theta, logN, logD, logL)
+    dof = len(L) - len(PARAMS)
+    s2 = float(np.sum(r**2) / dof)
+    try:
+        cov_5x5 = s2 * np.linalg.inv(J.T @ J)
+        se_theta = np.sqrt(np.clip(np.diag(cov_5x5), 0.0, None))
+    except np.linalg.LinAlgError:
+        se_theta = np.full(len(PARAMS), np.inf)
+    t = float(stats.t.ppf(0.975, dof))
+    value, se, ci = {}, {}, {}
+    for i, name in enumerate(PARAMS):
+        if name in ("alpha", "beta"):
+            value[name] = float(theta[i])
+            se[name] = float(se_theta[i])
+            ci[name] = (float(theta[i] - t * se_theta[i]), float(theta[i] + t * se_theta[i]))
+        else:  # fitted in log space
+            value[name] = float(np.exp(theta[i]))
+            se[name] = float(value[name] * se_theta[i])
+            with np.errstate(over="ignore"):
+                ci[name] = (float(np.exp(theta[i] - t * se_theta[i])), float(np.exp(theta[i] + t * se_theta[i])))
+    at_bound = tuple(name for name, active in zip(PARAMS, best.active_mask) if active != 0)
+    fit = LawFit(**value, se=se, ci95=ci, rmse=0.0, n_points=len(L), n_sizes=len(set(N.tolist())),
+                 n_token_counts=len(set(D.tolist())), at_bound=at_bound)
+    return dataclasses.replace(fit, rmse=float(np.sqrt(np.mean((fit.predict(N, D) - L) ** 2))))
+
+
+def frontier(fit: LawFit, C) -> dict:
+    """Compute-optimal N, D and the predicted loss at compute C, with C = 6 N D."""
+    C = np.asarray(C, float)
+    K = C / 6.0
+    G = (fit.alpha * fit.A / (fit.beta * fit.B)) ** (1.0 / (fit.alpha + fit.beta))
+    N_opt = G * K ** (fit.beta / (fit.alpha + fit.beta))
+    D_opt = K / N_opt
+    return {"C": C, "N_opt": N_opt, "D_opt": D_opt, "L": fit.predict(N_opt, D_opt)}
+
+
+def frontier_compute_grid(C_sweep, decades: int = 2) -> np.ndarray:
+    """The sweep's own compute values plus every power of ten `decades` either side of them."""
+    C_sweep = np.unique(np.asarray(C_sweep, float))
+    lo, hi = np.floor(np.log10(C_sweep.min())) - decades, np.ceil(np.log10(C_sweep.max())) + decades
+    return np.unique(np.concatenate([C_sweep, 10.0 ** np.arange(lo, hi + 1)]))
