@@ -131,8 +131,10 @@ def winners(rows, metric: str, higher_is_better: bool) -> list[dict]:
 
 
 def fit_schedules(rows, loss: str) -> dict:
-    """schedule -> {"fit": LawFit | None, "reason": str | None, "frontier": dict | None}."""
+    """schedule -> {"fit": LawFit | None, "reason": str | None, "frontier": dict | None}; every frontier
+    on the same compute grid (the 6 N D of every run, and powers of ten around them)."""
     out = {}
+    C = scaling_law.frontier_compute_grid([6.0 * r["params"] * r["tokens"] for r in rows]) if rows else None
     for sched in dict.fromkeys(r["schedule"] for r in rows):
         mine = [r for r in rows if r["schedule"] == sched]
         N, D, L = (np.array([r[c] for r in mine], float) for c in ("params", "tokens", loss))
@@ -141,7 +143,6 @@ def fit_schedules(rows, loss: str) -> dict:
         except scaling_law.TooFewPoints as e:
             out[sched] = {"fit": None, "reason": str(e), "frontier": None}
             continue
-        C = scaling_law.frontier_compute_grid(6.0 * N * D)
         out[sched] = {"fit": fit, "reason": None, "frontier": scaling_law.frontier(fit, C)}
     return out
 
@@ -194,11 +195,27 @@ def plot_vs_compute(rows, col, ylabel, path, fits=None):
                 per_token = np.mean([r["flops"] / r["tokens"] for r in mine])
                 D = np.geomspace(min(r["tokens"] for r in mine) / 2, max(r["tokens"] for r in mine) * 2, 50)
                 ax.plot(per_token * D, fit.predict(mine[0]["params"], D), color=color[sched], ls="--", lw=1)
-    ax.set_xscale("log")
+    for j, size in enumerate(sizes):
+        ax.scatter([], [], color="gray", marker=MARKERS[j % 10], s=18, label=f"size {size}")
+    if fits and any(f["fit"] is not None for f in fits.values()):
+        ax.plot([], [], color="gray", ls="--", lw=1, label="fitted law")
+    _log_x(ax)
     ax.set_xlabel("training FLOPs (analytic)"), ax.set_ylabel(ylabel)
-    ax.set_title(f"{ylabel} vs compute (marker = size" + (", dashed = fitted law)" if fits else ")"))
+    ax.set_title(f"{ylabel} vs compute")
     ax.legend(fontsize=7)
     return _save(fig, path)
+
+
+def _log_x(ax):
+    from matplotlib import ticker
+
+    ax.set_xscale("log")
+    lo, hi = ax.get_xlim()
+    if np.log10(hi / lo) < 1.5:  # less than two powers of ten on the axis: label 2x and 5x too
+        ax.xaxis.set_minor_locator(ticker.LogLocator(subs=(2.0, 5.0)))
+        ax.xaxis.set_minor_formatter(ticker.LogFormatterSciNotation(labelOnlyBase=False, minor_thresholds=(3, 3)))
+    else:
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
 
 
 def plot_vs_clm_fraction(rows, col, ylabel, path):
@@ -242,6 +259,8 @@ def plot_finetune_spread(ft_rows, schedule_of, path):
 
 
 def _g(x, digits=4):
+    if isinstance(x, int):
+        return str(x)
     return "-" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{x:.{digits}g}"
 
 
@@ -260,7 +279,8 @@ def _winner_line(w, metric):
             f"({_g(w['runner_up_score'])}), margin {_g(w['margin'], 3)}, {verdict}")
 
 
-def write_summary(path, res, used, unused, ft_cols, fits, wins, metric, higher, loss, notes, ft_rows, schedule_of):
+def write_summary(path, res, used, unused, ft_cols, fits, wins, metric, higher, loss, notes, ft_rows, schedule_of,
+                  flops_ratio):
     out = ["# Sweep summary", "",
            f"{len(used)} runs used, {len(unused)} not used. Winners are ranked by **{metric}** "
            f"({'higher' if higher else 'lower'} is better"
@@ -277,7 +297,7 @@ def write_summary(path, res, used, unused, ft_cols, fits, wins, metric, higher, 
                 for r in unused]
     out += ["", f"## Scaling-law fits of {loss}: L = E + A / N^alpha + B / D^beta", "",
             "N = parameters without the input embedding, D = training tokens; 95 % intervals from the "
-            "Jacobian covariance (see docs/sweeps.md).", ""]
+            "Jacobian covariance (see docs/sweeps.md)."]
     lines = []
     for sched, f in fits.items():
         if f["fit"] is None:
@@ -289,22 +309,27 @@ def write_summary(path, res, used, unused, ft_cols, fits, wins, metric, higher, 
                      + [_g(fit.rmse, 3), str(fit.n_points), ", ".join(fit.at_bound) or "-"])
     if lines:
         out += [""] + _table(["schedule", "E", "A", "alpha", "B", "beta", "RMSE", "points", "at bound"], lines)
-        out += ["", "### Compute-optimal frontier (C = 6 N D)", ""]
-        for sched, f in fits.items():
-            if f["fit"] is not None:
-                fr = f["frontier"]
-                out += [f"{sched}:", ""] + _table(["C", "N_opt", "D_opt", "predicted loss"],
-                                                  [[_g(fr[k][i], 3) for k in ("C", "N_opt", "D_opt", "L")]
-                                                   for i in range(len(fr["C"]))]) + [""]
+        lo, hi = flops_ratio
+        out += ["", "### Compute-optimal frontier (C = 6 N D): N_opt / D_opt / predicted loss", "",
+                f"The sweep's analytic FLOPs are {lo:.3g}-{hi:.3g} x 6 N D (6 N D leaves out attention and the "
+                "output head).", ""]
+        fitted = [s for s, f in fits.items() if f["fit"] is not None]
+        C = fits[fitted[0]]["frontier"]["C"]  # the same grid for every schedule
+        out += _table(["C"] + fitted, [[_g(c, 3)] + ["{} / {} / {}".format(*(_g(fits[s]["frontier"][k][i], 3)
+                                                                             for k in ("N_opt", "D_opt", "L")))
+                                                     for s in fitted] for i, c in enumerate(C)])
     if ft_rows:
         out += ["", "## Fine-tuning spread (every learning rate and seed)", ""]
         lines = []
         for sched in dict.fromkeys(schedule_of[r["run"]] for r in ft_rows):
             mine = [r for r in ft_rows if schedule_of[r["run"]] == sched]
-            tests = [r["test"] for r in mine if r["test"] is not None]
+            centered = []  # minus the mean of each (run, task): the spread over learning rates and seeds
+            for key in dict.fromkeys((r["run"], r["task"]) for r in mine):
+                v = [r["test"] for r in mine if (r["run"], r["task"]) == key and r["test"] is not None]
+                centered += list(np.asarray(v) - np.mean(v)) if v else []
             lines.append([sched, str(len(mine)), str(sum(r["diverged"] for r in mine)),
-                          _g(float(np.std(tests, ddof=1)) if len(tests) > 1 else None, 3)])
-        out += _table(["schedule", "fine-tuning runs", "diverged", "sd of test score"], lines)
+                          _g(float(np.std(centered, ddof=1)) if len(centered) > 1 else None, 3)])
+        out += _table(["schedule", "fine-tuning runs", "diverged", "sd over learning rates and seeds"], lines)
     saved = sum(r["saved_flops"] or 0.0 for r in res)
     total = sum(r["flops"] for r in res)
     out += ["", "## Compute", "", f"Branching from CLM trunks saved {saved:.3g} of the grid's {total:.3g} "
@@ -332,25 +357,21 @@ def analyze(workdir: str, loss: str = "val_mlm_loss") -> dict:
     fits = fit_schedules(used, loss)
     wins = winners(used, metric, higher)
     files, notes = [], []
-
-    def plot(name, fn, *args):
-        files.append(fn(*args, os.path.join(workdir, name)))
-        notes.append(name)
-
     if used:
-        plot("loss_vs_compute.png", lambda p: plot_vs_compute(used, loss, loss, p, fits))
         ylabel = "fine-tuning score (%, mean of tasks)" if has_ft else "validation MLM loss (lower is better)"
-        plot("score_vs_clm_fraction.png", lambda p: plot_vs_clm_fraction(used, metric, ylabel, p))
+        files += [plot_vs_compute(used, loss, loss, os.path.join(workdir, "loss_vs_compute.png"), fits),
+                  plot_vs_clm_fraction(used, metric, ylabel, os.path.join(workdir, "score_vs_clm_fraction.png"))]
     else:
         notes.append("no plots: no finished run has a loss")
     if used and has_ft:
-        plot("score_vs_compute.png", lambda p: plot_vs_compute(used, "ft_mean", "fine-tuning score (%)", p))
+        files.append(plot_vs_compute(used, "ft_mean", "fine-tuning score (%)", os.path.join(workdir, "score_vs_compute.png")))
     else:
         notes.append("score_vs_compute.png skipped: results.csv has no fine-tuning scores")
     if ft_rows:
-        plot("finetune_spread.png", lambda p: plot_finetune_spread(ft_rows, schedule_of, p))
+        files.append(plot_finetune_spread(ft_rows, schedule_of, os.path.join(workdir, "finetune_spread.png")))
     else:
         notes.append("finetune_spread.png skipped: no finetune.csv (or no rows of finished runs)")
+    notes = [os.path.basename(f) for f in files] + notes
     ratio = [r["flops"] / (6.0 * r["params"] * r["tokens"]) for r in used]
     out = {"loss": loss, "metric": metric, "higher_is_better": higher, "law": "L = E + A/N^alpha + B/D^beta",
            "frontier_compute": "C = 6 N D",
@@ -364,7 +385,7 @@ def analyze(workdir: str, loss: str = "val_mlm_loss") -> dict:
     with open(fits_path, "w") as f:
         json.dump(out, f, indent=1)
     write_summary(summary_path, res, used, unused, ft_cols, fits, wins, metric, higher, loss, notes, ft_rows,
-                  schedule_of)
+                  schedule_of, out["flops_over_6ND"])
     out["files"] = [fits_path, summary_path] + files
     out["notes"] = notes
     return out
