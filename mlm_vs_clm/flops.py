@@ -10,7 +10,8 @@ Counted (a multiply-add = 2 FLOPs; training = forward + backward = 3x the forwar
 - the output head 2*D*V only at the positions actually predicted: every position for CLM,
   the static bound M = ceil(mask_ratio * L) per row for the sparse MLM head (all L without it).
 Not counted: embeddings (a gather), norms, RoPE, softmax, the optimizer, and recomputation
-(remat, the chunked loss's recomputed logits): they are hardware FLOPs, not model FLOPs.
+(remat): they are hardware FLOPs, not model FLOPs. (The chunked loss recomputes nothing: its
+custom VJP computes the head's gradients from the forward pass's logits.)
 """
 
 from __future__ import annotations

@@ -32,9 +32,7 @@ def _loss_sums(setup: Setup, objective: Objective, params, batch, rng) -> object
     def encode(tokens, seg, pos, mask_mode):
         return model.apply({"params": params}, tokens, seg, pos, mask_mode, method=model.encode)
 
-    def head(h):
-        return model.apply({"params": params}, h, method=model.head)
-
+    head = objectives.Head(params["lm_head"]["kernel"], model.cfg.dtype)  # LanguageModel.head: h @ kernel
     return objectives.objective_loss(objective, encode, head, batch, rng, setup.config)
 
 

@@ -66,8 +66,8 @@ def test_flops_match_a_hand_count():
 
 def test_xla_cost_analysis_is_close_to_the_analytic_count():
     # No loops (unrolled layers, one loss chunk): XLA counts every op once. It also counts the
-    # chunked loss's recomputed head (+1/3 of the head), the full L x L attention and the
-    # elementwise work, so it lies a little above the model FLOPs.
+    # full L x L attention, the softmax and the elementwise work, so it lies a little above the
+    # model FLOPs (measured 1.09x; the loss's custom VJP recomputes no head matmul).
     config = load_config("configs/pretrain.py:tiny,clm", {"model.scan_layers": False, "loss_chunk_size": 128,
                                                          "train.batch_size": 4})
     setup = train_state.build(config, sharding.make_mesh(config.mesh, jax.devices()[:1]))

@@ -10,6 +10,10 @@ from mlm_vs_clm.step import mask_rng
 from tests.helpers import packed_batch, tiny_config
 
 
+def _head(model, params):
+    return objectives.Head(params["lm_head"]["kernel"], model.cfg.dtype)
+
+
 def _draw(batch, ratio=0.4, step=0, seed=0, replacement="mask"):
     c = tiny_config()
     return objectives.draw_mask(mask_rng(seed, step), batch, ratio, c.tokens, c.model.vocab_size, replacement)
@@ -65,7 +69,7 @@ def test_sparse_and_dense_heads_give_the_same_loss():
     model = LanguageModel(cfg)
     params = nn.meta.unbox(init_params(cfg, jax.random.PRNGKey(0)))
     enc = lambda t, s, p, m: model.apply({"params": params}, t, s, p, m, method=model.encode)  # noqa: E731
-    head = lambda h: model.apply({"params": params}, h, method=model.head)  # noqa: E731
+    head = _head(model, params)
     b = packed_batch()
     m = _draw(b, 0.4)
     sparse = objectives.mlm_loss(enc, head, b, m, True, 8)
@@ -94,7 +98,7 @@ def test_clm_loss_matches_full_logits_reference():
     params = nn.meta.unbox(init_params(cfg, jax.random.PRNGKey(2)))
     b = packed_batch(batch=2)
     enc = lambda t, s, p, m: model.apply({"params": params}, t, s, p, m, method=model.encode)  # noqa: E731
-    head = lambda h: model.apply({"params": params}, h, method=model.head)  # noqa: E731
+    head = _head(model, params)
     got = objectives.clm_loss(enc, head, b, chunk_size=7)
     logits = model.apply({"params": params}, b["tokens"], b["segment_ids"], b["positions"], "causal")
     targets, weights = objectives.clm_targets(b)
@@ -134,3 +138,146 @@ def test_learning_rate_schedules():
     o.schedule = "cosine"
     lr = schedules.learning_rate_schedule(o, 100)
     assert float(lr(100)) < 1e-6 and float(lr(10)) > 0.99
+
+
+def _reference_chunked(head, h_BxNxD, targets_BxN, weights_BxN, chunk):
+    """The plain autodiff version: each chunk's logits under jax.checkpoint (recomputed in the
+    backward pass), a Python loop over chunks, the last one ragged."""
+    loss = correct = 0.0
+    for a in range(0, h_BxNxD.shape[1], chunk):
+        def f(hp, h, t, w):
+            logits = _logits(head._replace(kernel_DxV=hp), h).astype(jnp.float32)
+            lse = jax.nn.logsumexp(logits, -1)
+            tl = jnp.take_along_axis(logits, t[..., None], -1)[..., 0]
+            hits = (jnp.argmax(logits, -1) == t).astype(jnp.float32)
+            return jnp.sum((lse - tl) * w), jnp.sum(hits * w)
+
+        l, c = jax.checkpoint(f)(head.kernel_DxV, h_BxNxD[:, a : a + chunk], targets_BxN[:, a : a + chunk],
+                                 weights_BxN[:, a : a + chunk])
+        loss, correct = loss + l, correct + c
+    return loss, correct
+
+
+def _dense_reference(head, h_BxNxD, targets_BxN, weights_BxN):
+    logp = jax.nn.log_softmax(_logits(head, h_BxNxD).astype(jnp.float32))
+    return -jnp.sum(jnp.take_along_axis(logp, targets_BxN[..., None], -1)[..., 0] * weights_BxN)
+
+
+def _linear_head(kernel_DxV, dtype):
+    return objectives.Head(kernel_DxV, dtype)
+
+
+def _logits(head, h):
+    return h.astype(head.dtype) @ head.kernel_DxV.astype(head.dtype)
+
+
+@pytest.mark.parametrize("chunk", [7, 8, 32, 1000])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_custom_vjp_cross_entropy_matches_autodiff_and_dense(chunk, dtype):
+    B, N, D, V = 3, 30, 16, 97  # 30 = 4 x 7 + 2: a ragged last chunk
+    k = jax.random.split(jax.random.PRNGKey(0), 4)
+    h = jax.random.normal(k[0], (B, N, D)).astype(dtype)
+    kernel = jax.random.normal(k[1], (D, V)) * 0.3
+    targets = jax.random.randint(k[2], (B, N), 0, V)
+    weights = (jax.random.uniform(k[3], (B, N)) < 0.7).astype(jnp.float32).at[:, -3:].set(0.0)  # padding
+
+    def ours(kern, hh, w, scale):
+        s = objectives.chunked_cross_entropy(_linear_head(kern, dtype), hh, targets, w, chunk)
+        return scale * s.loss, s
+
+    def ref(kern, hh, w, scale):
+        loss, correct = _reference_chunked(_linear_head(kern, dtype), hh, targets, w, chunk)
+        return scale * loss, correct
+
+    grad = lambda f: jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))  # noqa: E731
+    (l1, sums), g1 = grad(ours)(kernel, h, weights, 2.5)
+    (l2, correct2), g2 = grad(ref)(kernel, h, weights, 2.5)
+    tol = 1e-5 if dtype == "float32" else 2e-2
+    np.testing.assert_allclose(l1, l2, rtol=tol)
+    assert float(sums.correct) == float(correct2) and float(sums.count) == float(weights.sum())
+    for a, b in zip(g1, g2):
+        assert a.dtype == b.dtype
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol)
+    # weight-0 positions get no gradient
+    assert not np.asarray(g1[1], np.float32)[weights == 0].any()
+    # the non-chunked dense reference, values and gradients (f32)
+    if dtype == "float32":
+        dense = lambda kern, hh, w: _dense_reference(_linear_head(kern, dtype), hh, targets, w)  # noqa: E731
+        l3, g3 = jax.value_and_grad(dense, argnums=(0, 1, 2))(kernel, h, weights)
+        np.testing.assert_allclose(l1, 2.5 * l3, rtol=1e-5)
+        for a, b in zip(g1, g3):
+            np.testing.assert_allclose(a, 2.5 * b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_mlm_and_clm_gradients_match_the_dense_reference(sparse):
+    c = tiny_config()
+    cfg = ModelConfig.from_config(c.model)
+    model = LanguageModel(cfg)
+    params = nn.meta.unbox(init_params(cfg, jax.random.PRNGKey(1)))
+    b = jax.tree.map(jnp.asarray, packed_batch())
+    m = _draw(b, 0.4)
+
+    def ours(p, kind):
+        enc = lambda t, s, pos, mode: model.apply({"params": p}, t, s, pos, mode, method=model.encode)  # noqa: E731
+        if kind == "clm":
+            return objectives.clm_loss(enc, _head(model, p), b, chunk_size=7).loss
+        return objectives.mlm_loss(enc, _head(model, p), b, m, sparse, 5).loss
+
+    def dense(p, kind):
+        mode = "causal" if kind == "clm" else "bidirectional"
+        inputs = b["tokens"] if kind == "clm" else m.inputs
+        logits = model.apply({"params": p}, inputs, b["segment_ids"], b["positions"], mode)
+        if kind == "clm":
+            targets, weights = objectives.clm_targets(b)
+        else:
+            targets, weights = b["tokens"], m.selected.astype(jnp.float32)
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+        return -(jnp.take_along_axis(logp, targets[..., None], -1)[..., 0] * weights).sum()
+
+    for kind in ("clm", "mlm"):
+        l1, g1 = jax.jit(jax.value_and_grad(ours), static_argnums=1)(params, kind)
+        l2, g2 = jax.value_and_grad(dense)(params, kind)
+        np.testing.assert_allclose(l1, l2, rtol=1e-5)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6), g1, g2)
+
+
+def test_custom_vjp_cross_entropy_is_sharding_friendly():
+    # batch over 4 devices, vocab over 2: same sums and gradients as on one device
+    mesh = jax.make_mesh((4, 2), ("data", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    B, N, D, V = 8, 20, 16, 64
+    k = jax.random.split(jax.random.PRNGKey(3), 3)
+    h = jax.random.normal(k[0], (B, N, D))
+    kernel = jax.random.normal(k[1], (D, V)) * 0.3
+    targets = jax.random.randint(k[2], (B, N), 0, V)
+    weights = jnp.ones((B, N)).at[:, -4:].set(0.0)
+
+    def f(kern, hh):
+        return objectives.chunked_cross_entropy(_linear_head(kern, "float32"), hh, targets, weights, 6).loss
+
+    want = jax.value_and_grad(f, argnums=(0, 1))(kernel, h)
+    S = jax.sharding.NamedSharding
+    P = jax.sharding.PartitionSpec
+    kern_s, h_s = jax.device_put(kernel, S(mesh, P(None, "tensor"))), jax.device_put(h, S(mesh, P("data")))
+    got = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(kern_s, h_s)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+    for a, b in zip(got[1], want[1]):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    # the gradients come out sharded like their inputs: no gather of the batch or the head
+    assert got[1][1].sharding.is_equivalent_to(h_s.sharding, 3)
+    assert got[1][0].sharding.is_equivalent_to(kern_s.sharding, 2)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_head_is_the_models_head_and_bad_targets_give_nan(dtype):
+    cfg = ModelConfig.from_config(tiny_config(**{"model.dtype": dtype}).model)
+    model = LanguageModel(cfg)
+    params = nn.meta.unbox(init_params(cfg, jax.random.PRNGKey(4)))
+    h = jax.random.normal(jax.random.PRNGKey(5), (2, 6, cfg.hidden_size)).astype(dtype)
+    want = model.apply({"params": params}, h, method=model.head)
+    got = _logits(_head(model, params), h)
+    assert got.dtype == want.dtype
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    targets = jnp.full((2, 6), cfg.vocab_size + 3)  # out of range: NaN, so the step is skipped
+    s = objectives.chunked_cross_entropy(_head(model, params), h, targets, jnp.ones((2, 6)), 4)
+    assert np.isnan(float(s.loss))
