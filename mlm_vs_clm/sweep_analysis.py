@@ -251,7 +251,7 @@ def plot_finetune_spread(ft_rows, schedule_of, path):
         for i, d in enumerate(data):
             ax.scatter(i + 1 + rng.uniform(-0.15, 0.15, len(d)), d, s=8, alpha=0.6, color="k")
         ax.set_xticks(range(1, len(scheds) + 1), scheds, rotation=30, fontsize=7)
-        ax.set_ylabel("test score (%)"), ax.set_title(f"{task}: every learning rate and seed")
+        ax.set_ylabel("test score (%)"), ax.set_title(f"{task}: every budget, learning rate and seed")
     return _save(fig, path)
 
 
@@ -271,6 +271,8 @@ def _table(header, lines):
 def _winner_line(w, metric):
     if w["runner_up"] is None:
         return f"{w['size']}, {w['steps']} steps: {w['winner']} ({metric} {_g(w['score'])}; the only schedule)"
+    if w["margin"] == 0:
+        return f"{w['size']}, {w['steps']} steps: tie between {w['winner']} and {w['runner_up']} ({metric} {_g(w['score'])})"
     if w["exceeds_spread"] is None:
         verdict = "one seed: spread unknown"
     else:

@@ -149,6 +149,8 @@ def test_analyze_writes_everything_and_names_the_winners(tmp_path, capsys):
     assert "no fit: 8 points, 2 distinct model sizes" in summary
     saved = sum(0.5 * 6.5 * N * D * 2 for N in SIZES.values() for D in STEPS.values())
     assert f"saved {saved:.3g} of" in summary
+    ties = [dict(out["winners"][0], margin=0.0)]
+    assert sweep_analysis._winner_line(ties[0], "ft_mean") == "s, 100 steps: tie between clm50_mlm40 and mlm40 (ft_mean 75)"
     printed = capsys.readouterr().out
     assert "summary.md" in printed and "m, 300 steps: clm50_mlm40" in printed
 
