@@ -36,11 +36,6 @@ def _loss_sums(setup: Setup, objective: Objective, params, batch, rng) -> object
     return objectives.objective_loss(objective, encode, head, batch, rng, setup.config)
 
 
-def _all_finite(tree) -> jnp.ndarray:
-    leaves = jax.tree.leaves(tree)
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
-
-
 def train_step(setup: Setup, objective: Objective, state: TrainState, batch) -> tuple[TrainState, dict]:
     """One optimizer update on `batch` (split into `train.grad_accum_steps` micro-batches)."""
     accum = setup.config.train.grad_accum_steps
@@ -72,18 +67,24 @@ def train_step(setup: Setup, objective: Objective, state: TrainState, batch) -> 
         (grads, sums), _ = jax.lax.scan(body, zeros, (micro, jax.random.split(rng, accum)))
 
     count = jnp.maximum(sums.count, 1.0)
-    grads = jax.tree.map(lambda g: g / count, grads)  # exact mean over every predicted token
     loss = sums.loss / count
-    grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads)))
-    updates, new_opt = setup.tx.update(grads, state.opt_state, state.params)
-    new_params = optax.apply_updates(state.params, updates)
+    # One pass over the gradients; a non-finite gradient gives a non-finite norm, so this is
+    # also the finite check.
+    grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32) / count)) for g in jax.tree.leaves(grads)))
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
-    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite(new_params)
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
+    def update(params, opt_state):
+        mean_grads = jax.tree.map(lambda g: g / count, grads)  # exact mean over every predicted token
+        updates, new_opt = setup.tx.update(mean_grads, opt_state, params)
+        return optax.apply_updates(params, updates), new_opt
+
+    # A non-finite step leaves the parameters and the optimizer state as they were: one branch,
+    # not a select on every leaf of the state (on 2 CPU cores the selects cost half the update).
+    new_params, new_opt = jax.lax.cond(ok, update, lambda p, o: (p, o), state.params, state.opt_state)
     new_state = TrainState(
         step=state.step + 1,
-        params=keep(new_params, state.params),
-        opt_state=keep(new_opt, state.opt_state),
+        params=new_params,
+        opt_state=new_opt,
         bad_steps=jnp.where(ok, 0, state.bad_steps + 1),
         skipped_steps=state.skipped_steps + (~ok).astype(jnp.int32),
     )

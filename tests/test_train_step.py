@@ -1,4 +1,5 @@
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -78,10 +79,22 @@ def test_non_finite_update_is_skipped():
     poisoned = dict(bad.params)
     poisoned["lm_head"] = {"kernel": bad.params["lm_head"]["kernel"] * np.nan}
     bad = bad.replace(params=poisoned)
+    bad_np = jax.tree.map(np.asarray, bad)
     new, m = step.compiled_train_step(setup, Objective("clm"))(bad, packed_batch())
     assert not bool(m["finite"]) and int(new.bad_steps) == 1 and int(new.skipped_steps) == 1
+    assert int(new.step) == 1
     jax.tree.map(
         lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
         new.params["encoder"],
         before["encoder"],
     )
+    # parameters (NaN head included) and optimizer state (moments, counts) exactly as they were
+    same = lambda a, b: np.testing.assert_array_equal(np.asarray(a), b)  # noqa: E731
+    jax.tree.map(same, (new.params, new.opt_state), (bad_np.params, bad_np.opt_state))
+    # a good step afterwards updates and resets the streak
+    skipped_opt = jax.tree.map(np.asarray, new.opt_state)
+    good = new.replace(params=jax.tree.map(jnp.asarray, before))
+    after, m = step.compiled_train_step(setup, Objective("clm"))(good, packed_batch())
+    assert bool(m["finite"]) and int(after.bad_steps) == 0 and int(after.skipped_steps) == 1
+    changed = jax.tree.map(lambda a, b: not np.array_equal(np.asarray(a), np.asarray(b)), after.opt_state, skipped_opt)
+    assert all(jax.tree.leaves(changed))  # moments and count moved (the warm-up lr is still 0)
