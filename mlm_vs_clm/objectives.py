@@ -102,16 +102,16 @@ def _xent_sums(dtype):
 
 
 def chunked_cross_entropy(head: Head, h_BxNxD, targets_BxN, weights_BxN, chunk_size: int) -> LossSums:
-    """Cross-entropy of the head's logits against targets, `chunk_size` positions of every row at
-    a time.
+    """Cross-entropy of the head's logits against targets, at most `chunk_size` positions of every
+    row at a time.
 
     Chunks run along the position axis (the batch axis stays sharded); one chunk of logits
     [B * chunk, V] is alive at a time, never [B, N, V]. Under differentiation each chunk's
     gradient is computed right after its logits (see `_xent_sums`).
     """
     B, n, D = h_BxNxD.shape
-    chunk = max(1, min(chunk_size, n))
-    num_chunks = math.ceil(n / chunk)
+    num_chunks = math.ceil(n / max(1, min(chunk_size, n)))
+    chunk = math.ceil(n / num_chunks)  # equal chunks of at most chunk_size: < num_chunks padded positions
     pad = num_chunks * chunk - n
     if pad:  # the last chunk is padded with weight-0 positions
         h_BxNxD = jnp.pad(h_BxNxD, ((0, 0), (0, pad), (0, 0)))
