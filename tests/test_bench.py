@@ -104,3 +104,27 @@ def test_bad_objectives_are_rejected():
         bench.run(config, ["clm", "mlmx"], steps=1)
     with pytest.raises(ValueError, match="steps >= 1"):
         bench.run(config, ["clm"], steps=0)
+
+
+def test_keep_host_memory_mapped_stops_page_faults_on_reuse():
+    # A 256 MiB buffer freed and allocated again: by default glibc unmaps it and the second one
+    # faults every page in again; with the setting the pages stay mapped.
+    script = (
+        "import ctypes, resource, sys\n"
+        "from mlm_vs_clm import bench\n"
+        "if sys.argv[1] == 'on': assert bench.keep_host_memory_mapped()\n"
+        "libc = ctypes.CDLL('libc.so.6'); libc.malloc.restype = ctypes.c_void_p\n"
+        "def touch(n):\n"
+        "    p = libc.malloc(ctypes.c_size_t(n)); ctypes.memset(p, 1, n); return p\n"
+        "libc.free(ctypes.c_void_p(touch(256 << 20)))\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "touch(256 << 20)\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n"
+    )
+    faults = {}
+    for mode in ("off", "on"):
+        proc = subprocess.run([sys.executable, "-c", script, mode], cwd=REPO, capture_output=True, text=True,
+                              timeout=120, check=False, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        faults[mode] = int(proc.stdout.split()[-1])
+    assert faults["off"] > 30_000 and faults["on"] < 1_000, faults  # 256 MiB = 65,536 pages
