@@ -8,7 +8,7 @@ gradient accumulation over micro-batches and sharding give the exact batch mean.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -109,7 +109,7 @@ def chunked_cross_entropy(head: Head, h_BxNxD, targets_BxN, weights_BxN, chunk_s
     [B * chunk, V] is alive at a time, never [B, N, V]. Under differentiation each chunk's
     gradient is computed right after its logits (see `_xent_sums`).
     """
-    B, n, D = h_BxNxD.shape
+    B, n = h_BxNxD.shape[:2]
     num_chunks = math.ceil(n / max(1, min(chunk_size, n)))
     chunk = math.ceil(n / num_chunks)  # equal chunks of at most chunk_size: < num_chunks padded positions
     pad = num_chunks * chunk - n
