@@ -67,7 +67,7 @@ def main(argv) -> int:
         if FLAGS.config is None:
             raise ConfigError("--config is required (e.g. --config=configs/sweeps/micro.py)")
         runs = write_plan(workdir, FLAGS.config)
-    except (ConfigError, RuntimeError) as e:
+    except (ConfigError, RuntimeError, ValueError) as e:
         print(f"sweep: {e}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1
     n_branch = sum(bool(r["branch_from"]) for r in runs)
