@@ -32,7 +32,8 @@ class Head(NamedTuple):
 
 
 def _chunk_stats(logits_TxV, targets_T):
-    """f32 log-sum-exp, cross-entropy and hits of one chunk of logits.
+    """f32 statistics of one chunk of logits: (logits, exp(z - max), its row sum, cross-entropy,
+    hits).
 
     A hit is a target whose logit is the row's maximum (the argmax, up to exact ties): this
     reuses the max of the log-sum-exp, where a separate argmax pass over [T, V] (a variadic
@@ -41,10 +42,11 @@ def _chunk_stats(logits_TxV, targets_T):
     """
     logits_TxV = logits_TxV.astype(jnp.float32)
     max_T = jnp.max(logits_TxV, axis=-1)
-    lse_T = max_T + jnp.log(jnp.sum(jnp.exp(logits_TxV - max_T[:, None]), axis=-1))
+    exp_TxV = jnp.exp(logits_TxV - max_T[:, None])
+    sum_T = jnp.sum(exp_TxV, axis=-1)
     target_logit_T = jnp.take_along_axis(logits_TxV, targets_T[:, None], axis=-1, mode="fill")[:, 0]
     hits_T = (target_logit_T == max_T).astype(jnp.float32)
-    return logits_TxV, lse_T, lse_T - target_logit_T, hits_T
+    return logits_TxV, exp_TxV, sum_T, max_T + jnp.log(sum_T) - target_logit_T, hits_T
 
 
 def _xent_sums(dtype):
@@ -60,7 +62,7 @@ def _xent_sums(dtype):
     def primal(kernel_DxV, h_nxTxD, t_nxT, w_nxT):
         def body(carry, x):
             h_TxD, t_T, w_T = x
-            _, _, xent_T, hits_T = _chunk_stats(logits_of(kernel_DxV, h_TxD), t_T)
+            *_, xent_T, hits_T = _chunk_stats(logits_of(kernel_DxV, h_TxD), t_T)
             return (carry[0] + jnp.sum(xent_T * w_T), carry[1] + jnp.sum(hits_T * w_T)), None
 
         (loss, correct), _ = jax.lax.scan(body, (jnp.float32(0), jnp.float32(0)), (h_nxTxD, t_nxT, w_nxT))
@@ -72,10 +74,13 @@ def _xent_sums(dtype):
         def body(carry, x):
             loss, correct, dkernel_DxV = carry
             h_TxD, t_T, w_T = x
-            logits_TxV, lse_T, xent_T, hits_T = _chunk_stats(logits_of(kernel_DxV, h_TxD), t_T)
+            logits_TxV, exp_TxV, sum_T, xent_T, hits_T = _chunk_stats(logits_of(kernel_DxV, h_TxD), t_T)
             vocab_TxV = jax.lax.broadcasted_iota(jnp.int32, logits_TxV.shape, 1)
-            probs_TxV = jnp.exp(logits_TxV - lse_T[:, None])
-            dlogits_TxV = ((probs_TxV - (vocab_TxV == t_T[:, None])) * w_T[:, None]).astype(dtype)
+            onehot_TxV = vocab_TxV == t_T[:, None]
+            # softmax = exp(z - max) / sum: its row scale w / sum goes into the one pass that
+            # writes d logits, so exp runs once per logit (a second exp(z - lse) pass cost 9 % of
+            # the head on a CPU).
+            dlogits_TxV = (exp_TxV * (w_T / sum_T)[:, None] - onehot_TxV * w_T[:, None]).astype(dtype)
             dh_TxD = dlogits_TxV @ kernel_c.T  # [T, V] x [V, D]
             # h^T as its own [D, T] array: XLA's CPU backend then runs a plain [D, T] x [T, V] GEMM
             # instead of writing d logits a second time, transposed (measured 1.2x for the chunk).
