@@ -98,7 +98,7 @@ def _xent_sums(dtype):
     def bwd(res, cotangents):
         dkernel_DxV, dh_nxTxD, xent_nxT = res
         g = cotangents[0]  # d out / d loss sum; the hit count has no gradient
-        scale = lambda x: (g * x).astype(x.dtype)  # noqa: E731
+        scale = lambda x: (g * x).astype(x.dtype)
         return scale(dkernel_DxV), scale(dh_nxTxD), None, g * xent_nxT
 
     f = jax.custom_vjp(primal)
