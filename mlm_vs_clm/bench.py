@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mlm_vs_clm import flops, schedules, sharding, train_state
+from mlm_vs_clm import flops, host_memory, schedules, sharding, train_state
 from mlm_vs_clm import step as step_lib
 
 DEFAULT_OBJECTIVES = ("clm", "mlm40")
@@ -50,25 +50,9 @@ def synthetic_batch(batch_size: int, seq_len: int, vocab_size: int, seed: int = 
 
 
 def keep_host_memory_mapped() -> bool:
-    """Serve large host allocations from one glibc heap that is never handed back to the OS.
-
-    XLA's CPU runtime allocates each step's temporaries (1.3 GB on `small`) afresh; glibc
-    serves such sizes with mmap and unmaps them on free, so every step page-faults the whole
-    arena back in (measured 323k faults and 0.6 s of kernel time per `small` CLM step on 2
-    cores). One arena, no mmap and no trimming keep those pages mapped between steps. Must run
-    before the JAX backend starts its threads; a no-op (False) where libc has no mallopt.
-    """
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_MAX, M_ARENA_MAX = -1, -2, -4, -8  # glibc malloc.h
-    settings = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2**31 - 1), (M_TOP_PAD, 256 << 20))
-    return all(mallopt(key, value) == 1 for key, value in settings)
+    """`host_memory.keep_mapped` regardless of the environment: what the train CLI does by
+    default, applied to the whole benchmark process (ours and the in-process peer alike)."""
+    return host_memory.keep_mapped(respect_env=False)
 
 
 def peak_runner(dtype: str):
@@ -124,18 +108,26 @@ def _xla_flops(compiled) -> float | None:
     return float(cost["flops"]) if cost and "flops" in cost else None
 
 
-def interleaved_times(runners: dict, warmup: int, steps: int) -> dict:
+def interleaved_times(runners: dict, warmup: int, steps: int, faults: dict | None = None) -> dict:
     """Seconds of each call of each runner, the runners taking turns round by round, so that a
-    load change on a shared machine hits all of them alike."""
+    load change on a shared machine hits all of them alike. If `faults` is a dict, it receives
+    each runner's minor page faults per call (this process's, or what a runner that returns a
+    number reports for itself)."""
     for _ in range(warmup):
         for run_one in runners.values():
             run_one()
     times = {name: [] for name in runners}
+    counts = {name: [] for name in runners}
     for _ in range(steps):
         for name, run_one in runners.items():
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             t0 = time.perf_counter()
-            run_one()
+            reported = run_one()
             times[name].append(time.perf_counter() - t0)
+            own = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+            counts[name].append(own if reported is None else reported)
+    if faults is not None:
+        faults.update({name: float(np.median(c)) for name, c in counts.items()})
     return times
 
 
@@ -219,6 +211,72 @@ def peer_runner(config, batch_np: dict):
     return run_one, info
 
 
+def _peer_config(config) -> dict:
+    """What `peer_runner` reads of a config, as JSON."""
+    keys = {"model": ("vocab_size", "hidden_size", "ffn_size", "num_layers", "num_heads", "num_kv_heads",
+                      "norm_eps", "rope_theta", "init_std"),
+            "optimizer": ("b1", "b2", "eps", "weight_decay", "clip_norm")}
+    out = {group: {k: config[group][k] for k in names} for group, names in keys.items()}
+    out["seed"] = config.seed
+    return out
+
+
+def peer_process_runner(config, batch_np: dict, folder: str):
+    """The peer as its users run it: in a process of its own with the C library's default
+    allocator settings (none of this process's `keep_host_memory_mapped`). Steps are driven
+    over a pipe, so they take turns with ours in `interleaved_times`; each call returns the
+    child's minor page faults for the step. Returns (run_one, info, close)."""
+    import subprocess
+
+    os.makedirs(folder, exist_ok=True)
+    np.save(os.path.join(folder, "tokens.npy"), batch_np["tokens"])
+    with open(os.path.join(folder, "config.json"), "w") as fh:
+        json.dump(_peer_config(config), fh)
+    env = dict(os.environ, **{host_memory.ENV: "default"})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", f"from mlm_vs_clm.bench import _peer_child; _peer_child({folder!r})"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+    )
+
+    def reply() -> str:
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"bench: the peer process exited (code {proc.wait()}); its error is above")
+        return line.strip()
+
+    info = json.loads(reply())
+
+    def run_one():
+        proc.stdin.write("step\n")
+        proc.stdin.flush()
+        return int(reply())
+
+    def close():
+        if proc.poll() is None:
+            proc.stdin.close()
+            proc.wait(timeout=60)
+
+    return run_one, info, close
+
+
+def _peer_child(folder: str) -> None:
+    """The child side of `peer_process_runner`: one step per `step` line on stdin, answering with
+    the step's minor page faults; exits at end of input."""
+    import ml_collections
+
+    with open(os.path.join(folder, "config.json")) as fh:
+        config = ml_collections.ConfigDict(json.load(fh))
+    run_one, info = peer_runner(config, {"tokens": np.load(os.path.join(folder, "tokens.npy"))})
+    info["process"] = "own (C library allocator defaults)"
+    print(json.dumps(info), flush=True)
+    for line in sys.stdin:
+        if line.strip() != "step":
+            continue
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        run_one()
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0, flush=True)
+
+
 def bench_data(config, seconds: float, consumed_rows_per_second: float) -> dict:
     """The input pipeline's rows/s (mlm_vs_clm.data.pipeline) against the rows/s the step eats."""
     from mlm_vs_clm.data import (
@@ -232,7 +290,7 @@ def bench_data(config, seconds: float, consumed_rows_per_second: float) -> dict:
 
 
 def run(config, objective_names=DEFAULT_OBJECTIVES, steps: int = 10, warmup: int = 2, peer: bool = False,
-        data: bool = False, data_seconds: float = 10.0) -> dict:
+        data: bool = False, data_seconds: float = 10.0, peer_stock: bool = False) -> dict:
     """The whole benchmark as a JSON-able dict (see the module docstring)."""
     if steps < 1 or warmup < 0:
         raise ValueError(f"bench: need steps >= 1 and warmup >= 0, got steps={steps} warmup={warmup}")
@@ -252,7 +310,18 @@ def run(config, objective_names=DEFAULT_OBJECTIVES, steps: int = 10, warmup: int
         runners[obj.name], infos[obj.name], holders[obj.name] = ours_runner(setup, obj, batch)
     if peer:
         runners["peer"], infos["peer"] = peer_runner(config, batch_np)
-    times = interleaved_times(runners, warmup, steps)
+    close_stock = None
+    if peer_stock:
+        import tempfile
+
+        folder = tempfile.mkdtemp(prefix="mlm_vs_clm_peer_")
+        runners["peer_stock"], infos["peer_stock"], close_stock = peer_process_runner(config, batch_np, folder)
+    faults = {}
+    try:
+        times = interleaved_times(runners, warmup, steps, faults)
+    finally:
+        if close_stock is not None:
+            close_stock()
 
     peak_flops = peak["flops_per_call"] / min(times["peak"])
     out = {
@@ -271,6 +340,7 @@ def run(config, objective_names=DEFAULT_OBJECTIVES, steps: int = 10, warmup: int
     }
     for obj in objs:
         r = {**infos[obj.name], **_timing(times[obj.name], B * L)}
+        r["minor_page_faults_per_step"] = faults[obj.name]
         r["model_flops_per_second"] = r["model_flops_per_token"] * r["tokens_per_second"]
         r["mfu"] = r["model_flops_per_second"] / peak_flops
         r["final_loss"] = float(jax.device_get(holders[obj.name]["loss"]))
@@ -282,25 +352,33 @@ def run(config, objective_names=DEFAULT_OBJECTIVES, steps: int = 10, warmup: int
         for obj in objs:
             if obj.kind == "mlm":
                 out[obj.name]["step_seconds_over_clm"] = out[obj.name]["step_seconds"] / out["clm"]["step_seconds"]
-    if peer:
-        out["peer"] = {**infos["peer"], **_timing(times["peer"], B * L)}
+    for name in ("peer", "peer_stock"):
+        if name not in runners:
+            continue
+        out[name] = {**infos[name], **_timing(times[name], B * L), "minor_page_faults_per_step": faults[name]}
         if "clm" in out:
-            out["peer"]["ours_clm_over_peer"] = out["clm"]["tokens_per_second"] / out["peer"]["tokens_per_second"]
+            out[name]["ours_clm_over_peer"] = out["clm"]["tokens_per_second"] / out[name]["tokens_per_second"]
             # Ours and the peer timed in the same rounds: the ratio of step times round by round.
-            per_round = np.asarray(times["peer"]) / np.asarray(times["clm"])
-            out["peer"]["ours_clm_over_peer_rounds_p25_p75"] = [float(np.percentile(per_round, q)) for q in (25, 75)]
+            per_round = np.asarray(times[name]) / np.asarray(times["clm"])
+            out[name]["ours_clm_over_peer_rounds_p25_p75"] = [float(np.percentile(per_round, q)) for q in (25, 75)]
     if data:
         out["data"] = bench_data(config, data_seconds, out[objs[0].name]["tokens_per_second"] / L)
     return out
 
 
+PEER_ROWS = (("peer", "peer clm (HF torch)"), ("peer_stock", "peer clm (HF torch, own process)"))
+
+
 def table(result: dict) -> str:
     """A Markdown table of one benchmark result."""
-    head = "| run | compile s | step s (p25-p75) | tokens/s | GFLOP/token | MFU | temp MiB | largest array / logits |"
-    lines = [head, "|" + "---|" * 8]
+    head = ("| run | compile s | step s (p25-p75) | tokens/s | GFLOP/token | MFU | temp MiB | largest array / logits "
+            "| host faults/step |")
+    lines = [head, "|" + "---|" * 9]
     mib = lambda b: f"{b / 2**20:.0f}" if b is not None else "-"
+    faults = lambda r: f"{r['minor_page_faults_per_step']:,.0f}" if "minor_page_faults_per_step" in r else "-"
+    peers = dict(PEER_ROWS)
     for name, r in result.items():
-        if not isinstance(r, dict) or "tokens_per_second" not in r or name in ("peer", "data"):
+        if not isinstance(r, dict) or "tokens_per_second" not in r or name in peers or name == "data":
             continue
         mem = r.get("memory", {})
         lines.append(
@@ -308,24 +386,29 @@ def table(result: dict) -> str:
             f"({r['step_seconds_p25']:.4f}-{r['step_seconds_p75']:.4f}) | {r['tokens_per_second']:,.0f} | "
             f"{r['model_flops_per_token'] / 1e9:.4f} | {100 * r['mfu']:.1f} % | "
             f"{mib(mem.get('temp_bytes'))} | "
-            f"{mem['largest_array_elements'] / mem['full_logits_elements_per_device']:.2f} |"
+            f"{mem['largest_array_elements'] / mem['full_logits_elements_per_device']:.2f} | {faults(r)} |"
         )
-    if "peer" in result:
-        p = result["peer"]
-        fpt = result["clm"]["model_flops_per_token"] if "clm" in result else None
+    fpt = result["clm"]["model_flops_per_token"] if "clm" in result else None
+    for name, label in PEER_ROWS:
+        if name not in result:
+            continue
+        p = result[name]
         mfu = f"{100 * fpt * p['tokens_per_second'] / result['peak_flops_per_second']:.1f} %" if fpt else "-"
         gf = f"{fpt / 1e9:.4f}" if fpt else "-"
         lines.append(
-            f"| peer clm (HF torch) | - | {p['step_seconds']:.4f} ({p['step_seconds_p25']:.4f}-"
-            f"{p['step_seconds_p75']:.4f}) | {p['tokens_per_second']:,.0f} | {gf} | {mfu} | - | - |"
+            f"| {label} | - | {p['step_seconds']:.4f} ({p['step_seconds_p25']:.4f}-"
+            f"{p['step_seconds_p75']:.4f}) | {p['tokens_per_second']:,.0f} | {gf} | {mfu} | - | - | {faults(p)} |"
         )
     peak = result["peak_matmul"]
     notes = [(f"peak {result['peak_flops_per_second'] / 1e9:,.1f} GFLOP/s ({peak['dtype']} {peak['n']}^3 matmul) "
               f"on {result['num_devices']} x {result['device']}")]
-    if "peer" in result and "ours_clm_over_peer" in result["peer"]:
-        lo, hi = result["peer"]["ours_clm_over_peer_rounds_p25_p75"]
-        notes.append(f"ours/peer CLM tokens/s = {result['peer']['ours_clm_over_peer']:.2f}x "
-                     f"(round by round p25-p75 {lo:.2f}-{hi:.2f})")
+    if "host_memory_kept_mapped" in result:
+        notes.append("host memory kept mapped: " + ("yes" if result["host_memory_kept_mapped"] else "no"))
+    for name, label in PEER_ROWS:
+        if name in result and "ours_clm_over_peer" in result[name]:
+            lo, hi = result[name]["ours_clm_over_peer_rounds_p25_p75"]
+            notes.append(f"ours/{label.replace('peer clm ', 'peer ')} CLM tokens/s = "
+                         f"{result[name]['ours_clm_over_peer']:.2f}x (round by round p25-p75 {lo:.2f}-{hi:.2f})")
     for name, r in result.items():
         if isinstance(r, dict) and "step_seconds_over_clm" in r:
             notes.append(f"{name} step / clm step = {r['step_seconds_over_clm']:.2f}")
@@ -342,7 +425,7 @@ def main(argv):
     f = flags.FLAGS
     kept = f.keep_host_memory and keep_host_memory_mapped()  # before the backend starts
     result = run(f.config, [s.strip() for s in f.objectives.split(",") if s.strip()], f.steps, f.warmup,
-                 f.peer, f.data, f.data_seconds)
+                 f.peer, f.data, f.data_seconds, f.peer_stock)
     result["host_memory_kept_mapped"] = bool(kept)
     print(table(result))
     if f.json:
@@ -361,8 +444,11 @@ def _cli():
     flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
     flags.DEFINE_bool("peer", False, "Also time Hugging Face LlamaForCausalLM (PyTorch) on the same batch.")
     flags.DEFINE_bool("data", False, "Also time the input pipeline (rows/s).")
-    flags.DEFINE_bool("keep_host_memory", False, "Keep host memory mapped between steps, for ours and the peer alike "
-                      "(keep_host_memory_mapped; the train CLI does not do this yet).")
+    flags.DEFINE_bool("peer_stock", False, "Also time the peer in a process of its own with the C library's "
+                      "default allocator settings (the peer as its users run it).")
+    flags.DEFINE_bool("keep_host_memory", True, "Keep host memory mapped between steps in this process (ours and "
+                      "the in-process --peer), as the train and finetune CLIs do (mlm_vs_clm/host_memory.py); "
+                      "--nokeep_host_memory keeps glibc's defaults.")
     flags.DEFINE_float("data_seconds", 10.0, "How long to run the input pipeline for --data.")
     app.run(main)
 

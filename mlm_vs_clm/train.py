@@ -7,7 +7,6 @@ resumes. SIGTERM saves a checkpoint at the current step and exits 0.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -19,8 +18,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from mlm_vs_clm import checkpoint as ckpt_lib
-from mlm_vs_clm import distributed
-from mlm_vs_clm import logs, sharding, step as step_lib, train_state
+from mlm_vs_clm import distributed, host_memory, logs, sharding, train_state
+from mlm_vs_clm import step as step_lib
 from mlm_vs_clm.config import ConfigError
 from mlm_vs_clm.validate import validate
 
@@ -251,6 +250,11 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)  # library INFO chatter off unless asked for
     if FLAGS.config is None or not FLAGS.workdir:
         print("error: --config and --workdir are required", file=sys.stderr)
+        sys.exit(2)
+    try:
+        host_memory.keep_mapped()  # before the backend starts its threads (MLM_VS_CLM_HOST_MEMORY)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     distributed.initialize_from_flags()  # multi-host start-up, before any other JAX call
     distributed.enable_compilation_cache()

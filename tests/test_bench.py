@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from mlm_vs_clm import bench, flops, schedules, sharding, train_state
+from mlm_vs_clm import bench, flops, host_memory, schedules, sharding, train_state
 from mlm_vs_clm import step as step_lib
 from mlm_vs_clm.config import load_config
 from mlm_vs_clm.model import ModelConfig
@@ -23,7 +23,7 @@ def test_cli_writes_the_json_contract(tmp_path):
     env.pop("XLA_FLAGS", None)
     proc = subprocess.run(
         [sys.executable, "-m", "mlm_vs_clm.bench", "--config=configs/pretrain.py:tiny", "--steps=2", "--warmup=1",
-         "--peer", "--objectives=clm,mlm40", "--config.train.batch_size=4", f"--json={out}"],
+         "--peer", "--peer_stock", "--objectives=clm,mlm40", "--config.train.batch_size=4", f"--json={out}"],
         check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -41,6 +41,16 @@ def test_cli_writes_the_json_contract(tmp_path):
     assert result["peer"]["ours_clm_over_peer"] == pytest.approx(
         result["clm"]["tokens_per_second"] / result["peer"]["tokens_per_second"])
     assert "| ours clm |" in proc.stdout and "| peer clm (HF torch) |" in proc.stdout
+    # The stock peer: a process of its own, glibc defaults, timed in the same rounds.
+    stock = result["peer_stock"]
+    assert stock["steps_timed"] == 2 and stock["tokens_per_second"] > 0
+    assert stock["process"].startswith("own")
+    assert stock["ours_clm_over_peer"] == pytest.approx(
+        result["clm"]["tokens_per_second"] / stock["tokens_per_second"])
+    assert "| peer clm (HF torch, own process) |" in proc.stdout
+    assert result["host_memory_kept_mapped"] is True
+    for name in ("clm", "mlm40", "peer", "peer_stock"):
+        assert result[name]["minor_page_faults_per_step"] >= 0
 
 
 def test_flops_match_a_hand_count():
@@ -111,8 +121,9 @@ def test_keep_host_memory_mapped_stops_page_faults_on_reuse():
     # faults every page in again; with the setting the pages stay mapped.
     script = (
         "import ctypes, resource, sys\n"
-        "from mlm_vs_clm import bench\n"
+        "from mlm_vs_clm import bench, host_memory\n"
         "if sys.argv[1] == 'on': assert bench.keep_host_memory_mapped()\n"
+        "if sys.argv[1] == 'env': assert host_memory.keep_mapped()\n"
         "libc = ctypes.CDLL('libc.so.6'); libc.malloc.restype = ctypes.c_void_p\n"
         "def touch(n):\n"
         "    p = libc.malloc(ctypes.c_size_t(n)); ctypes.memset(p, 1, n); return p\n"
@@ -122,9 +133,30 @@ def test_keep_host_memory_mapped_stops_page_faults_on_reuse():
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n"
     )
     faults = {}
-    for mode in ("off", "on"):
+    for mode in ("off", "on", "env"):
+        env = dict(os.environ, JAX_PLATFORMS="cpu")
+        env.pop("MLM_VS_CLM_HOST_MEMORY", None)
         proc = subprocess.run([sys.executable, "-c", script, mode], cwd=REPO, capture_output=True, text=True,
-                              timeout=120, check=False, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+                              timeout=120, check=False, env=env)
         assert proc.returncode == 0, proc.stderr[-2000:]
         faults[mode] = int(proc.stdout.split()[-1])
-    assert faults["off"] > 30_000 and faults["on"] < 1_000, faults  # 256 MiB = 65,536 pages
+    # 256 MiB = 65,536 pages; `env` is what the train and finetune CLIs call
+    assert faults["off"] > 30_000 and faults["on"] < 1_000 and faults["env"] < 1_000, faults
+
+
+def test_host_memory_setting_from_the_environment(monkeypatch):
+    monkeypatch.setenv("MLM_VS_CLM_HOST_MEMORY", "default")
+    assert host_memory.keep_mapped() is False  # glibc's defaults kept, nothing called
+    monkeypatch.setenv("MLM_VS_CLM_HOST_MEMORY", "sometimes")
+    with pytest.raises(ValueError, match="MLM_VS_CLM_HOST_MEMORY='sometimes'"):
+        host_memory.keep_mapped()
+
+
+def test_train_cli_rejects_a_bad_host_memory_setting(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", MLM_VS_CLM_HOST_MEMORY="sometimes")
+    proc = subprocess.run([sys.executable, "-m", "mlm_vs_clm.train", "--config=configs/pretrain.py:tiny",
+                           f"--workdir={tmp_path / 'run'}"], cwd=REPO, capture_output=True, text=True,
+                          timeout=120, check=False, env=env)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: MLM_VS_CLM_HOST_MEMORY='sometimes'")
+    assert not (tmp_path / "run").exists()  # nothing written

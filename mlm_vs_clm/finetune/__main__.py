@@ -46,9 +46,15 @@ def _tasks(ft):
 
 def main(argv) -> int:
     del argv
+    from mlm_vs_clm import host_memory
     from mlm_vs_clm.config import ConfigError
     from mlm_vs_clm.distributed import enable_compilation_cache
 
+    try:
+        host_memory.keep_mapped()  # before the backend starts its threads (MLM_VS_CLM_HOST_MEMORY)
+    except ValueError as e:
+        print(f"finetune: {e}", file=sys.stderr)
+        return 2
     enable_compilation_cache()
     from mlm_vs_clm.finetune import grid, report
 
@@ -76,7 +82,7 @@ def main(argv) -> int:
     if ft.progress:
         from tqdm import tqdm
 
-        progress = lambda **kw: tqdm(desc="finetune", unit="run", **kw)  # noqa: E731
+        progress = lambda **kw: tqdm(desc="finetune", unit="run", **kw)
     os.makedirs(FLAGS.workdir, exist_ok=True)
     try:
         runs = grid.run_grid(ft, checkpoints, tasks, FLAGS.workdir, progress=progress)
