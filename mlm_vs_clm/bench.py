@@ -108,11 +108,14 @@ def _xla_flops(compiled) -> float | None:
     return float(cost["flops"]) if cost and "flops" in cost else None
 
 
-def interleaved_times(runners: dict, warmup: int, steps: int, faults: dict | None = None) -> dict:
+def interleaved_times(runners: dict, warmup: int, steps: int, faults: dict | None = None,
+                      gap_s: float = 0.05) -> dict:
     """Seconds of each call of each runner, the runners taking turns round by round, so that a
-    load change on a shared machine hits all of them alike. If `faults` is a dict, it receives
-    each runner's minor page faults per call (this process's, or what a runner that returns a
-    number reports for itself)."""
+    load change on a shared machine hits all of them alike. `gap_s` of idle time before each
+    timed call lets the previous runner's spinning worker threads (XLA's pool, OpenMP in the
+    peer's process) go to sleep instead of taking cores from the next. If `faults` is a dict,
+    it receives each runner's minor page faults per call (this process's, or what a runner that
+    returns a number reports for itself)."""
     for _ in range(warmup):
         for run_one in runners.values():
             run_one()
@@ -120,6 +123,7 @@ def interleaved_times(runners: dict, warmup: int, steps: int, faults: dict | Non
     counts = {name: [] for name in runners}
     for _ in range(steps):
         for name, run_one in runners.items():
+            time.sleep(gap_s)
             f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             t0 = time.perf_counter()
             reported = run_one()
@@ -221,18 +225,20 @@ def _peer_config(config) -> dict:
     return out
 
 
-def peer_process_runner(config, batch_np: dict, folder: str):
-    """The peer as its users run it: in a process of its own with the C library's default
-    allocator settings (none of this process's `keep_host_memory_mapped`). Steps are driven
-    over a pipe, so they take turns with ours in `interleaved_times`; each call returns the
-    child's minor page faults for the step. Returns (run_one, info, close)."""
+def peer_process_runner(config, batch_np: dict, folder: str, keep_host_memory: bool = False):
+    """`peer_runner` in a process of its own, so that neither its allocations nor its OpenMP
+    threads share this process's heap. `keep_host_memory=False` leaves the C library's
+    allocator at its defaults (the peer as its users run it); True applies the same
+    `host_memory.keep_mapped` settings as ours. Steps are driven over a pipe, so they take
+    turns with ours in `interleaved_times`; each call returns the child's minor page faults
+    for the step. Returns (run_one, info, close)."""
     import subprocess
 
     os.makedirs(folder, exist_ok=True)
     np.save(os.path.join(folder, "tokens.npy"), batch_np["tokens"])
     with open(os.path.join(folder, "config.json"), "w") as fh:
         json.dump(_peer_config(config), fh)
-    env = dict(os.environ, **{host_memory.ENV: "default"})
+    env = dict(os.environ, **{host_memory.ENV: "kept" if keep_host_memory else "default"})
     proc = subprocess.Popen(
         [sys.executable, "-c", f"from mlm_vs_clm.bench import _peer_child; _peer_child({folder!r})"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
@@ -262,12 +268,13 @@ def peer_process_runner(config, batch_np: dict, folder: str):
 def _peer_child(folder: str) -> None:
     """The child side of `peer_process_runner`: one step per `step` line on stdin, answering with
     the step's minor page faults; exits at end of input."""
+    kept = host_memory.keep_mapped()  # as the parent asked, through MLM_VS_CLM_HOST_MEMORY
     import ml_collections
 
     with open(os.path.join(folder, "config.json")) as fh:
         config = ml_collections.ConfigDict(json.load(fh))
     run_one, info = peer_runner(config, {"tokens": np.load(os.path.join(folder, "tokens.npy"))})
-    info["process"] = "own (C library allocator defaults)"
+    info["host_memory_kept_mapped"] = kept
     print(json.dumps(info), flush=True)
     for line in sys.stdin:
         if line.strip() != "step":
@@ -290,7 +297,7 @@ def bench_data(config, seconds: float, consumed_rows_per_second: float) -> dict:
 
 
 def run(config, objective_names=DEFAULT_OBJECTIVES, steps: int = 10, warmup: int = 2, peer: bool = False,
-        data: bool = False, data_seconds: float = 10.0, peer_stock: bool = False) -> dict:
+        data: bool = False, data_seconds: float = 10.0, peer_kept: bool = False) -> dict:
     """The whole benchmark as a JSON-able dict (see the module docstring)."""
     if steps < 1 or warmup < 0:
         raise ValueError(f"bench: need steps >= 1 and warmup >= 0, got steps={steps} warmup={warmup}")
@@ -308,20 +315,20 @@ def run(config, objective_names=DEFAULT_OBJECTIVES, steps: int = 10, warmup: int
     runners["peak"] = peak_run
     for obj in objs:
         runners[obj.name], infos[obj.name], holders[obj.name] = ours_runner(setup, obj, batch)
-    if peer:
-        runners["peer"], infos["peer"] = peer_runner(config, batch_np)
-    close_stock = None
-    if peer_stock:
-        import tempfile
-
-        folder = tempfile.mkdtemp(prefix="mlm_vs_clm_peer_")
-        runners["peer_stock"], infos["peer_stock"], close_stock = peer_process_runner(config, batch_np, folder)
-    faults = {}
+    closers = []
     try:
+        for name, wanted, kept in (("peer", peer, False), ("peer_kept", peer_kept, True)):
+            if wanted:
+                import tempfile
+
+                folder = tempfile.mkdtemp(prefix=f"mlm_vs_clm_{name}_")
+                runners[name], infos[name], close = peer_process_runner(config, batch_np, folder, kept)
+                closers.append(close)
+        faults = {}
         times = interleaved_times(runners, warmup, steps, faults)
     finally:
-        if close_stock is not None:
-            close_stock()
+        for close in closers:
+            close()
 
     peak_flops = peak["flops_per_call"] / min(times["peak"])
     out = {
@@ -352,7 +359,7 @@ def run(config, objective_names=DEFAULT_OBJECTIVES, steps: int = 10, warmup: int
         for obj in objs:
             if obj.kind == "mlm":
                 out[obj.name]["step_seconds_over_clm"] = out[obj.name]["step_seconds"] / out["clm"]["step_seconds"]
-    for name in ("peer", "peer_stock"):
+    for name in ("peer", "peer_kept"):
         if name not in runners:
             continue
         out[name] = {**infos[name], **_timing(times[name], B * L), "minor_page_faults_per_step": faults[name]}
@@ -366,7 +373,7 @@ def run(config, objective_names=DEFAULT_OBJECTIVES, steps: int = 10, warmup: int
     return out
 
 
-PEER_ROWS = (("peer", "peer clm (HF torch)"), ("peer_stock", "peer clm (HF torch, own process)"))
+PEER_ROWS = (("peer", "peer clm (HF torch)"), ("peer_kept", "peer clm (HF torch, host memory kept mapped)"))
 
 
 def table(result: dict) -> str:
@@ -425,7 +432,7 @@ def main(argv):
     f = flags.FLAGS
     kept = f.keep_host_memory and keep_host_memory_mapped()  # before the backend starts
     result = run(f.config, [s.strip() for s in f.objectives.split(",") if s.strip()], f.steps, f.warmup,
-                 f.peer, f.data, f.data_seconds, f.peer_stock)
+                 f.peer, f.data, f.data_seconds, f.peer_kept)
     result["host_memory_kept_mapped"] = bool(kept)
     print(table(result))
     if f.json:
@@ -442,13 +449,13 @@ def _cli():
     flags.DEFINE_string("objectives", ",".join(DEFAULT_OBJECTIVES), "Comma-separated objectives to time.")
     flags.DEFINE_integer("steps", 10, "Timed steps per objective (after the warm-up).")
     flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
-    flags.DEFINE_bool("peer", False, "Also time Hugging Face LlamaForCausalLM (PyTorch) on the same batch.")
+    flags.DEFINE_bool("peer", False, "Also time Hugging Face LlamaForCausalLM (PyTorch) on the same batch, in a "
+                      "process of its own with the C library's allocator defaults (as its users run it).")
     flags.DEFINE_bool("data", False, "Also time the input pipeline (rows/s).")
-    flags.DEFINE_bool("peer_stock", False, "Also time the peer in a process of its own with the C library's "
-                      "default allocator settings (the peer as its users run it).")
-    flags.DEFINE_bool("keep_host_memory", True, "Keep host memory mapped between steps in this process (ours and "
-                      "the in-process --peer), as the train and finetune CLIs do (mlm_vs_clm/host_memory.py); "
-                      "--nokeep_host_memory keeps glibc's defaults.")
+    flags.DEFINE_bool("peer_kept", False, "Also time the peer with host memory kept mapped as ours "
+                      "(mlm_vs_clm/host_memory.py), in a process of its own.")
+    flags.DEFINE_bool("keep_host_memory", True, "Keep host memory mapped between steps for ours, as the train and "
+                      "finetune CLIs do (mlm_vs_clm/host_memory.py); --nokeep_host_memory keeps glibc's defaults.")
     flags.DEFINE_float("data_seconds", 10.0, "How long to run the input pipeline for --data.")
     app.run(main)
 

@@ -21,7 +21,9 @@ ENV = "MLM_VS_CLM_HOST_MEMORY"
 
 # glibc malloc.h parameter numbers
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -2, -4, -8
-_SETTINGS = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1), (_M_TOP_PAD, 256 << 20))
+# M_TRIM_THRESHOLD -1: never trim (mallopt(3)); a finite int caps it below 2 GiB, which a heap that frees
+# more than that at once (the PyTorch peer on `small`) exceeds every step.
+_SETTINGS = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1), (_M_TOP_PAD, 256 << 20))
 
 
 def keep_mapped(respect_env: bool = True) -> bool:
