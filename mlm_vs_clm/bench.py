@@ -109,13 +109,16 @@ def _xla_flops(compiled) -> float | None:
 
 
 def interleaved_times(runners: dict, warmup: int, steps: int, faults: dict | None = None,
-                      gap_s: float = 0.05) -> dict:
+                      gap_s: float = 0.05, rewarm: int = 0) -> dict:
     """Seconds of each call of each runner, the runners taking turns round by round, so that a
-    load change on a shared machine hits all of them alike. `gap_s` of idle time before each
-    timed call lets the previous runner's spinning worker threads (XLA's pool, OpenMP in the
-    peer's process) go to sleep instead of taking cores from the next. If `faults` is a dict,
-    it receives each runner's minor page faults per call (this process's, or what a runner that
-    returns a number reports for itself)."""
+    load change on a shared machine hits all of them alike.
+
+    `gap_s` of idle time before each turn lets the previous runner's spinning worker threads
+    (XLA's pool, OpenMP in a peer process) go to sleep instead of taking cores from the next.
+    `rewarm` untimed calls open each turn, so that a timed step follows a step of its own
+    runner, as in training. If `faults` is a dict, it receives each runner's median minor page
+    faults per timed call (this process's, or what a runner that returns a number reports for
+    itself)."""
     for _ in range(warmup):
         for run_one in runners.values():
             run_one()
@@ -124,6 +127,8 @@ def interleaved_times(runners: dict, warmup: int, steps: int, faults: dict | Non
     for _ in range(steps):
         for name, run_one in runners.items():
             time.sleep(gap_s)
+            for _ in range(rewarm):
+                run_one()
             f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             t0 = time.perf_counter()
             reported = run_one()
@@ -297,10 +302,11 @@ def bench_data(config, seconds: float, consumed_rows_per_second: float) -> dict:
 
 
 def run(config, objective_names=DEFAULT_OBJECTIVES, steps: int = 10, warmup: int = 2, peer: bool = False,
-        data: bool = False, data_seconds: float = 10.0, peer_kept: bool = False) -> dict:
+        data: bool = False, data_seconds: float = 10.0, peer_kept: bool = False, rewarm: int = 1) -> dict:
     """The whole benchmark as a JSON-able dict (see the module docstring)."""
-    if steps < 1 or warmup < 0:
-        raise ValueError(f"bench: need steps >= 1 and warmup >= 0, got steps={steps} warmup={warmup}")
+    if steps < 1 or warmup < 0 or rewarm < 0:
+        raise ValueError(f"bench: need steps >= 1, warmup >= 0 and rewarm >= 0, got steps={steps} warmup={warmup} "
+                         f"rewarm={rewarm}")
     objs = [schedules._objective(n, config.mlm.mask_ratio) for n in objective_names]  # validates names
     if len({o.name for o in objs}) != len(objs) or not objs:
         raise ValueError(f"bench: --objectives must name distinct objectives, got {list(objective_names)}")
@@ -325,12 +331,15 @@ def run(config, objective_names=DEFAULT_OBJECTIVES, steps: int = 10, warmup: int
                 runners[name], infos[name], close = peer_process_runner(config, batch_np, folder, kept)
                 closers.append(close)
         faults = {}
-        times = interleaved_times(runners, warmup, steps, faults)
+        times = interleaved_times(runners, warmup, steps, faults, rewarm=rewarm)
     finally:
         for close in closers:
             close()
 
-    peak_flops = peak["flops_per_call"] / min(times["peak"])
+    # The peak is the device's best: besides its turn in every round, it runs 5 times alone
+    # after the rounds (no other runner's threads or memory traffic just before it).
+    alone = interleaved_times({"peak": peak_run}, 0, 5)["peak"]
+    peak_flops = peak["flops_per_call"] / min(times["peak"] + alone)
     out = {
         "preset": config.get("preset", ""),
         "backend": jax.default_backend(),
@@ -432,7 +441,7 @@ def main(argv):
     f = flags.FLAGS
     kept = f.keep_host_memory and keep_host_memory_mapped()  # before the backend starts
     result = run(f.config, [s.strip() for s in f.objectives.split(",") if s.strip()], f.steps, f.warmup,
-                 f.peer, f.data, f.data_seconds, f.peer_kept)
+                 f.peer, f.data, f.data_seconds, f.peer_kept, f.rewarm)
     result["host_memory_kept_mapped"] = bool(kept)
     print(table(result))
     if f.json:
@@ -449,6 +458,8 @@ def _cli():
     flags.DEFINE_string("objectives", ",".join(DEFAULT_OBJECTIVES), "Comma-separated objectives to time.")
     flags.DEFINE_integer("steps", 10, "Timed steps per objective (after the warm-up).")
     flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
+    flags.DEFINE_integer("rewarm", 1, "Untimed steps that open each runner's turn in every round, so a timed step "
+                         "follows a step of its own (interleaved_times).")
     flags.DEFINE_bool("peer", False, "Also time Hugging Face LlamaForCausalLM (PyTorch) on the same batch, in a "
                       "process of its own with the C library's allocator defaults (as its users run it).")
     flags.DEFINE_bool("data", False, "Also time the input pipeline (rows/s).")

@@ -113,7 +113,7 @@ def test_bad_objectives_are_rejected():
     config = load_config("configs/pretrain.py:tiny")
     with pytest.raises(ValueError, match="unknown objective"):
         bench.run(config, ["clm", "mlmx"], steps=1)
-    with pytest.raises(ValueError, match="steps >= 1"):
+    with pytest.raises(ValueError, match="steps >= 1, warmup >= 0 and rewarm >= 0"):
         bench.run(config, ["clm"], steps=0)
 
 
@@ -161,3 +161,22 @@ def test_train_cli_rejects_a_bad_host_memory_setting(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: MLM_VS_CLM_HOST_MEMORY='sometimes'")
     assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_interleaved_times_take_turns_and_rewarm():
+    calls = []
+
+    def runner(name, faults=None):
+        def run_one():
+            calls.append(name)
+            return faults
+        return run_one
+
+    faults = {}
+    times = bench.interleaved_times({"a": runner("a"), "b": runner("b", 7)}, warmup=1, steps=2, faults=faults,
+                                    gap_s=0.0, rewarm=1)
+    # warm-up once each, then per round each runner twice in a row (one untimed, one timed)
+    assert calls == ["a", "b"] + ["a", "a", "b", "b"] * 2
+    assert len(times["a"]) == len(times["b"]) == 2
+    assert faults["b"] == 7  # what a runner reports for itself (the peer's child process)
+    assert faults["a"] >= 0  # this process's own count
