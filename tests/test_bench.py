@@ -23,7 +23,7 @@ def test_cli_writes_the_json_contract(tmp_path):
     env.pop("XLA_FLAGS", None)
     proc = subprocess.run(
         [sys.executable, "-m", "mlm_vs_clm.bench", "--config=configs/pretrain.py:tiny", "--steps=2", "--warmup=1",
-         "--peer", "--peer_kept", "--objectives=clm,mlm40", "--config.train.batch_size=4", f"--json={out}"],
+         "--peer", "--peer_kept", "--data", "--data_seconds=0.5", "--objectives=clm,mlm40", "--config.train.batch_size=4", f"--json={out}"],
         check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -52,6 +52,12 @@ def test_cli_writes_the_json_contract(tmp_path):
     assert result["host_memory_kept_mapped"] is True
     for name in ("clm", "mlm40", "peer", "peer_kept"):
         assert result[name]["minor_page_faults_per_step"] >= 0
+    # --data: the input pipeline's rows/s against what the first objective's step consumes
+    d = result["data"]
+    assert d["rows_per_second"] > 0
+    assert d["step_rows_per_second"] == pytest.approx(result["clm"]["tokens_per_second"] / 128)
+    assert d["headroom"] == pytest.approx(d["rows_per_second"] / d["step_rows_per_second"])
+    assert "rows/s vs step" in proc.stdout
 
 
 def test_flops_match_a_hand_count():
