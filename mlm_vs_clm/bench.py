@@ -12,12 +12,14 @@ batch; `--data` times the input pipeline against the rows/s the step consumes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
 import resource
 import sys
+import tempfile
 import time
 
 import jax
@@ -51,7 +53,7 @@ def synthetic_batch(batch_size: int, seq_len: int, vocab_size: int, seed: int = 
 
 def keep_host_memory_mapped() -> bool:
     """`host_memory.keep_mapped` regardless of the environment: what the train CLI does by
-    default, applied to the whole benchmark process (ours and the in-process peer alike)."""
+    default, applied to this process (ours; the peers run in processes of their own)."""
     return host_memory.keep_mapped(respect_env=False)
 
 
@@ -250,10 +252,12 @@ def peer_process_runner(config, batch_np: dict, folder: str, keep_host_memory: b
     )
 
     def reply() -> str:
-        line = proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"bench: the peer process exited (code {proc.wait()}); its error is above")
-        return line.strip()
+        while True:  # skip whatever else the child's libraries print to stdout
+            line = proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"bench: the peer process exited (code {proc.wait()}); its error is above")
+            if line.startswith(_PEER_REPLY):
+                return line[len(_PEER_REPLY):].strip()
 
     info = json.loads(reply())
 
@@ -270,6 +274,9 @@ def peer_process_runner(config, batch_np: dict, folder: str, keep_host_memory: b
     return run_one, info, close
 
 
+_PEER_REPLY = "peer-reply: "
+
+
 def _peer_child(folder: str) -> None:
     """The child side of `peer_process_runner`: one step per `step` line on stdin, answering with
     the step's minor page faults; exits at end of input."""
@@ -280,13 +287,13 @@ def _peer_child(folder: str) -> None:
         config = ml_collections.ConfigDict(json.load(fh))
     run_one, info = peer_runner(config, {"tokens": np.load(os.path.join(folder, "tokens.npy"))})
     info["host_memory_kept_mapped"] = kept
-    print(json.dumps(info), flush=True)
+    print(_PEER_REPLY + json.dumps(info), flush=True)
     for line in sys.stdin:
         if line.strip() != "step":
             continue
         f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         run_one()
-        print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0, flush=True)
+        print(f"{_PEER_REPLY}{resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0}", flush=True)
 
 
 def bench_data(config, seconds: float, consumed_rows_per_second: float) -> dict:
@@ -321,20 +328,14 @@ def run(config, objective_names=DEFAULT_OBJECTIVES, steps: int = 10, warmup: int
     runners["peak"] = peak_run
     for obj in objs:
         runners[obj.name], infos[obj.name], holders[obj.name] = ours_runner(setup, obj, batch)
-    closers = []
-    try:
+    with contextlib.ExitStack() as stack:  # peer processes stopped, then their folders removed
         for name, wanted, kept in (("peer", peer, False), ("peer_kept", peer_kept, True)):
             if wanted:
-                import tempfile
-
-                folder = tempfile.mkdtemp(prefix=f"mlm_vs_clm_{name}_")
+                folder = stack.enter_context(tempfile.TemporaryDirectory(prefix=f"mlm_vs_clm_{name}_"))
                 runners[name], infos[name], close = peer_process_runner(config, batch_np, folder, kept)
-                closers.append(close)
+                stack.callback(close)
         faults = {}
         times = interleaved_times(runners, warmup, steps, faults, rewarm=rewarm)
-    finally:
-        for close in closers:
-            close()
 
     # The peak is the device's best: besides its turn in every round, it runs 5 times alone
     # after the rounds (no other runner's threads or memory traffic just before it).
