@@ -6,9 +6,11 @@ page-faults the whole arena back in: on `small` (2 cores) 323k minor faults and 
 time per CLM step. `keep_mapped` switches glibc to one arena that never uses mmap and never
 trims, so the pages stay mapped and a step reuses them.
 
-The command-line tools (train, finetune, bench) call it first thing. The cost: the process
-keeps its peak heap for its lifetime (a trainer reaches that peak every step anyway). Set
-`MLM_VS_CLM_HOST_MEMORY=default` to keep glibc's own settings.
+The command-line tools (train, finetune, bench) call it first thing. The costs: the process
+keeps its peak heap for its lifetime (a trainer reaches that peak every step anyway), and one
+arena serialises allocations across threads (the input pipeline measured 10-25 % fewer rows/s,
+far above what a step consumes; docs/performance.md). Set `MLM_VS_CLM_HOST_MEMORY=default` to
+keep glibc's own settings.
 """
 
 from __future__ import annotations
