@@ -8,7 +8,7 @@ trims, so the pages stay mapped and a step reuses them.
 
 The command-line tools (train, finetune, bench) call it first thing. The costs: the process
 keeps its peak heap for its lifetime (a trainer reaches that peak every step anyway), and one
-arena serialises allocations across threads (the input pipeline measured 10-25 % fewer rows/s,
+arena serialises allocations across threads (the input pipeline measured 16-31 % fewer rows/s,
 far above what a step consumes; docs/performance.md). Set `MLM_VS_CLM_HOST_MEMORY=default` to
 keep glibc's own settings.
 """
