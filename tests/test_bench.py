@@ -1,5 +1,6 @@
 """The benchmark: the JSON contract end to end on `tiny`, the analytic FLOP count, the checks."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -154,9 +155,29 @@ def test_keep_host_memory_mapped_stops_page_faults_on_reuse():
 def test_host_memory_setting_from_the_environment(monkeypatch):
     monkeypatch.setenv("MLM_VS_CLM_HOST_MEMORY", "default")
     assert host_memory.keep_mapped() is False  # glibc's defaults kept, nothing called
+    monkeypatch.setenv("MLM_VS_CLM_HOST_MEMORY", "auto")
+    monkeypatch.setenv("JAX_PLATFORMS", "cuda")
+    assert host_memory.keep_mapped() is False  # temporaries live on the device: nothing called
     monkeypatch.setenv("MLM_VS_CLM_HOST_MEMORY", "sometimes")
     with pytest.raises(ValueError, match="MLM_VS_CLM_HOST_MEMORY='sometimes'"):
         host_memory.keep_mapped()
+
+
+def test_cpu_only_reads_jax_platforms_then_installed_plugins(monkeypatch, tmp_path):
+    for platforms, expected in (("cpu", True), ("cuda", False), ("cpu,cuda", True), ("tpu,cpu", False)):
+        monkeypatch.setenv("JAX_PLATFORMS", platforms)
+        assert host_memory.cpu_only() is expected, platforms
+    monkeypatch.delenv("JAX_PLATFORMS")
+    # an installed accelerator plugin (a `jax_plugins` namespace package) means not CPU-only
+    (tmp_path / "jax_plugins" / "xla_cuda12").mkdir(parents=True)
+    (tmp_path / "jax_plugins" / "xla_cuda12" / "__init__.py").write_text("")
+    if "jax_plugins" in sys.modules or importlib.util.find_spec("jax_plugins") is not None:
+        pytest.skip("a real accelerator plugin is installed here")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        assert host_memory.cpu_only() is False
+    finally:  # no later JAX start in this process may find the fake plugin
+        sys.modules.pop("jax_plugins", None)
 
 
 def test_train_cli_rejects_a_bad_host_memory_setting(tmp_path):
