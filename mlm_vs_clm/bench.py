@@ -18,6 +18,7 @@ import math
 import os
 import re
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -119,7 +120,7 @@ def interleaved_times(runners: dict, warmup: int, steps: int, faults: dict | Non
     (XLA's pool, OpenMP in a peer process) go to sleep instead of taking cores from the next.
     `rewarm` untimed calls open each turn, so that a timed step follows a step of its own
     runner, as in training. If `faults` is a dict, it receives each runner's median minor page
-    faults per timed call (this process's, or what a runner that returns a number reports for
+    faults per timed call (this process's, or what a runner that returns an int reports for
     itself)."""
     for _ in range(warmup):
         for run_one in runners.values():
@@ -136,7 +137,7 @@ def interleaved_times(runners: dict, warmup: int, steps: int, faults: dict | Non
             reported = run_one()
             times[name].append(time.perf_counter() - t0)
             own = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
-            counts[name].append(own if reported is None else reported)
+            counts[name].append(reported if isinstance(reported, int) else own)
     if faults is not None:
         faults.update({name: float(np.median(c)) for name, c in counts.items()})
     return times
@@ -239,8 +240,6 @@ def peer_process_runner(config, batch_np: dict, folder: str, keep_host_memory: b
     `host_memory.keep_mapped` settings as ours. Steps are driven over a pipe, so they take
     turns with ours in `interleaved_times`; each call returns the child's minor page faults
     for the step. Returns (run_one, info, close)."""
-    import subprocess
-
     os.makedirs(folder, exist_ok=True)
     np.save(os.path.join(folder, "tokens.npy"), batch_np["tokens"])
     with open(os.path.join(folder, "config.json"), "w") as fh:
@@ -256,20 +255,32 @@ def peer_process_runner(config, batch_np: dict, folder: str, keep_host_memory: b
             line = proc.stdout.readline()
             if not line:
                 raise RuntimeError(f"bench: the peer process exited (code {proc.wait()}); its error is above")
-            if line.startswith(_PEER_REPLY):
-                return line[len(_PEER_REPLY):].strip()
-
-    info = json.loads(reply())
-
-    def run_one():
-        proc.stdin.write("step\n")
-        proc.stdin.flush()
-        return int(reply())
+            if _PEER_REPLY in line:  # a library's unterminated output may precede the reply
+                return line[line.index(_PEER_REPLY) + len(_PEER_REPLY):].strip()
 
     def close():
         if proc.poll() is None:
-            proc.stdin.close()
-            proc.wait(timeout=60)
+            try:
+                proc.stdin.close()
+                proc.wait(timeout=60)
+            except (OSError, subprocess.TimeoutExpired):
+                proc.kill()
+                proc.wait()
+        proc.stdout.close()
+
+    try:
+        info = json.loads(reply())
+    except BaseException:
+        close()
+        raise
+
+    def run_one():
+        try:
+            proc.stdin.write("step\n")
+            proc.stdin.flush()
+        except OSError as e:  # a broken pipe: the child is gone
+            raise RuntimeError(f"bench: the peer process exited (code {proc.wait()}); its error is above") from e
+        return int(reply())
 
     return run_one, info, close
 
@@ -440,9 +451,16 @@ def main(argv):
 
     del argv
     f = flags.FLAGS
-    kept = f.keep_host_memory and keep_host_memory_mapped()  # before the backend starts
-    result = run(f.config, [s.strip() for s in f.objectives.split(",") if s.strip()], f.steps, f.warmup,
-                 f.peer, f.data, f.data_seconds, f.peer_kept, f.rewarm)
+    try:  # before the backend starts
+        if f["keep_host_memory"].present:  # asked for on the command line: on any backend, or off
+            kept = f.keep_host_memory and keep_host_memory_mapped()
+        else:  # as the train CLI: MLM_VS_CLM_HOST_MEMORY, by default kept when JAX runs on the CPU
+            kept = host_memory.keep_mapped()
+        result = run(f.config, [s.strip() for s in f.objectives.split(",") if s.strip()], f.steps, f.warmup,
+                     f.peer, f.data, f.data_seconds, f.peer_kept, f.rewarm)
+    except (ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     result["host_memory_kept_mapped"] = bool(kept)
     print(table(result))
     if f.json:
@@ -466,8 +484,10 @@ def _cli():
     flags.DEFINE_bool("data", False, "Also time the input pipeline (rows/s).")
     flags.DEFINE_bool("peer_kept", False, "Also time the peer with host memory kept mapped as ours "
                       "(mlm_vs_clm/host_memory.py), in a process of its own.")
-    flags.DEFINE_bool("keep_host_memory", True, "Keep host memory mapped between steps for ours, as the train and "
-                      "finetune CLIs do (mlm_vs_clm/host_memory.py); --nokeep_host_memory keeps glibc's defaults.")
+    flags.DEFINE_bool("keep_host_memory", True, "Keep host memory mapped between steps for ours "
+                      "(mlm_vs_clm/host_memory.py). Unset: as the train and finetune CLIs (MLM_VS_CLM_HOST_MEMORY, "
+                      "by default kept when JAX runs on the CPU); --keep_host_memory: on any backend; "
+                      "--nokeep_host_memory: glibc's defaults.")
     flags.DEFINE_float("data_seconds", 10.0, "How long to run the input pipeline for --data.")
     app.run(main)
 

@@ -6,8 +6,8 @@ page-faults the whole arena back in: on `small` (2 cores) 323k minor faults and 
 time per CLM step. `keep_mapped` switches glibc to one arena that never uses mmap and never
 trims, so the pages stay mapped and a step reuses them.
 
-The command-line tools (train, finetune, bench) call it first thing; train and finetune apply
-it when JAX will run on the CPU (`MLM_VS_CLM_HOST_MEMORY=auto`, the default). The costs: the process
+The command-line tools (train, finetune, bench) call it first thing and apply it when JAX will
+run on the CPU (`MLM_VS_CLM_HOST_MEMORY=auto`, the default; see `cpu_only`). The costs: the process
 keeps its peak heap for its lifetime (a trainer reaches that peak every step anyway), and one
 arena serialises allocations across threads (the input pipeline measured 16-31 % fewer rows/s,
 far above what a step consumes; docs/performance.md). `MLM_VS_CLM_HOST_MEMORY=default` keeps
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import importlib.metadata
 import importlib.util
 import os
 import pkgutil
@@ -33,8 +34,9 @@ _SETTINGS = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1), (_M_T
 
 def cpu_only() -> bool:
     """Whether JAX will run on the CPU, decided without starting a backend: the first of
-    `JAX_PLATFORMS` when set, else no accelerator plugin installed (`jax_plugins.*` for CUDA
-    and ROCm, `libtpu` for TPUs)."""
+    `JAX_PLATFORMS` when set, else no accelerator plugin installed (`jax_plugins.*` modules or
+    `jax_plugins` entry points for CUDA and ROCm, `libtpu` for TPUs). An installed plugin
+    without its device counts as an accelerator: the settings are then left off."""
     platforms = os.environ.get("JAX_PLATFORMS", "").strip().lower()
     if platforms:
         return platforms.split(",")[0].strip() == "cpu"
@@ -44,6 +46,7 @@ def cpu_only() -> bool:
         plugins = []
     else:
         plugins = [m.name for m in pkgutil.iter_modules(jax_plugins.__path__)]
+    plugins += [e.name for e in importlib.metadata.entry_points(group="jax_plugins")]
     return not plugins and importlib.util.find_spec("libtpu") is None
 
 

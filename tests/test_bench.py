@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import mmap
 import os
 import subprocess
 import sys
@@ -180,30 +181,49 @@ def test_cpu_only_reads_jax_platforms_then_installed_plugins(monkeypatch, tmp_pa
         sys.modules.pop("jax_plugins", None)
 
 
-def test_train_cli_rejects_a_bad_host_memory_setting(tmp_path):
+@pytest.mark.parametrize("command,prefix", [
+    (["mlm_vs_clm.train", "--config=configs/pretrain.py:tiny"], "error: "),
+    (["mlm_vs_clm.finetune", "--config=configs/finetune.py:news_quick"], "finetune: "),
+    (["mlm_vs_clm.bench", "--config=configs/pretrain.py:tiny", "--steps=1"], "error: "),
+])
+def test_clis_reject_a_bad_host_memory_setting(tmp_path, command, prefix):
     env = dict(os.environ, JAX_PLATFORMS="cpu", MLM_VS_CLM_HOST_MEMORY="sometimes")
-    proc = subprocess.run([sys.executable, "-m", "mlm_vs_clm.train", "--config=configs/pretrain.py:tiny",
-                           f"--workdir={tmp_path / 'run'}"], cwd=REPO, capture_output=True, text=True,
+    args = command if command[0] == "mlm_vs_clm.bench" else [*command, f"--workdir={tmp_path / 'run'}"]
+    proc = subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=120, check=False, env=env)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: MLM_VS_CLM_HOST_MEMORY='sometimes'")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"{prefix}MLM_VS_CLM_HOST_MEMORY='sometimes'")
     assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_bench_bad_arguments_are_one_line_errors():
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-m", "mlm_vs_clm.bench", "--config=configs/pretrain.py:tiny",
+                           "--rewarm=-1"], cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
+                          env=env)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: bench: need steps >= 1")
 
 
 def test_interleaved_times_take_turns_and_rewarm():
     calls = []
 
-    def runner(name, faults=None):
+    def runner(name, reported=None):
         def run_one():
             calls.append(name)
-            return faults
+            if reported is None:  # fault 16 MiB of fresh pages in this process: 4,096 faults
+                buf = mmap.mmap(-1, 16 << 20)
+                buf.write(b"x" * (16 << 20))
+                buf.close()
+            return reported
         return run_one
 
     faults = {}
-    times = bench.interleaved_times({"a": runner("a"), "b": runner("b", 7)}, warmup=1, steps=2, faults=faults,
-                                    gap_s=0.0, rewarm=1)
+    times = bench.interleaved_times({"a": runner("a"), "b": runner("b", 7), "c": runner("c", np.ones(3))},
+                                    warmup=1, steps=2, faults=faults, gap_s=0.0, rewarm=1)
     # warm-up once each, then per round each runner twice in a row (one untimed, one timed)
-    assert calls == ["a", "b"] + ["a", "a", "b", "b"] * 2
+    assert calls == ["a", "b", "c"] + ["a", "a", "b", "b", "c", "c"] * 2
     assert len(times["a"]) == len(times["b"]) == 2
-    assert faults["b"] == 7  # what a runner reports for itself (the peer's child process)
-    assert faults["a"] >= 0  # this process's own count
+    assert faults["b"] == 7  # an int a runner reports for itself (a peer's child process)
+    assert faults["a"] >= 4096  # this process's own count
+    assert faults["c"] < 4096  # a non-int return value (the peak's array) is not a count
