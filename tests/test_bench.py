@@ -227,3 +227,17 @@ def test_interleaved_times_take_turns_and_rewarm():
     assert faults["b"] == 7  # an int a runner reports for itself (a peer's child process)
     assert faults["a"] >= 4096  # this process's own count
     assert faults["c"] < 4096  # a non-int return value (the peak's array) is not a count
+
+
+def test_perf_scripts_compile_and_document_their_command():
+    # tools/perf/ holds the experiments behind figures in docs/performance.md: each must at least
+    # compile and say how it is run (the full runs take minutes; they are not repeated here).
+    folder = os.path.join(REPO, "tools", "perf")
+    scripts = sorted(f for f in os.listdir(folder) if f.endswith(".py"))
+    assert scripts == ["loss_ab.py", "matmul_rates.py", "parts.py"]
+    docs = open(os.path.join(REPO, "docs", "performance.md")).read()
+    for name in scripts:
+        source = open(os.path.join(folder, name)).read()
+        compile(source, name, "exec")
+        assert f"python tools/perf/{name}" in source and f"tools/perf/{name}" in docs, name
+        assert 'if __name__ == "__main__":' in source, name
