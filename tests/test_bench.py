@@ -4,6 +4,7 @@ import importlib.util
 import json
 import mmap
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -235,9 +236,9 @@ def test_perf_scripts_compile_and_document_their_command():
     folder = os.path.join(REPO, "tools", "perf")
     scripts = sorted(f for f in os.listdir(folder) if f.endswith(".py"))
     assert scripts == ["loss_ab.py", "matmul_rates.py", "parts.py"]
-    docs = open(os.path.join(REPO, "docs", "performance.md")).read()
+    docs = pathlib.Path(REPO, "docs", "performance.md").read_text()
     for name in scripts:
-        source = open(os.path.join(folder, name)).read()
+        source = pathlib.Path(folder, name).read_text()
         compile(source, name, "exec")
         assert f"python tools/perf/{name}" in source and f"tools/perf/{name}" in docs, name
         assert 'if __name__ == "__main__":' in source, name
