@@ -50,12 +50,6 @@ def synthetic_batch(batch_size: int, seq_len: int, vocab_size: int, seed: int = 
     return {"tokens": tokens_BxL, "segment_ids": segment_ids_BxL, "positions": positions_BxL}
 
 
-def keep_host_memory_mapped() -> bool:
-    """`host_memory.keep_mapped` regardless of the environment: what the train CLI does by
-    default, applied to this process (ours; the peers run in processes of their own)."""
-    return host_memory.keep_mapped(respect_env=False)
-
-
 def peak_runner(dtype: str):
     """A jitted chain of square matmuls in `dtype`: (run_one, FLOPs per call)."""
     on_cpu = jax.default_backend() == "cpu"
@@ -324,7 +318,7 @@ def main(argv):
     f = flags.FLAGS
     try:  # before the backend starts
         if f["keep_host_memory"].present:  # asked for on the command line: on any backend, or off
-            kept = f.keep_host_memory and keep_host_memory_mapped()
+            kept = f.keep_host_memory and host_memory.keep_mapped(respect_env=False)
         else:  # as the train CLI: MLM_VS_CLM_HOST_MEMORY, by default kept when JAX runs on the CPU
             kept = host_memory.keep_mapped()
         result = run(f.config, [s.strip() for s in f.objectives.split(",") if s.strip()], f.steps, f.warmup,

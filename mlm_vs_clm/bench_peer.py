@@ -90,11 +90,14 @@ def peer_process_runner(config, batch_np: dict, folder: str, keep_host_memory: b
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
     )
 
+    def exited() -> RuntimeError:
+        return RuntimeError(f"bench: the peer process exited (code {proc.wait()}); its error is above")
+
     def reply() -> str:
         while True:  # skip whatever else the child's libraries print to stdout
             line = proc.stdout.readline()
             if not line:
-                raise RuntimeError(f"bench: the peer process exited (code {proc.wait()}); its error is above")
+                raise exited()
             if _PEER_REPLY in line:  # a library's unterminated output may precede the reply
                 return line[line.index(_PEER_REPLY) + len(_PEER_REPLY):].strip()
 
@@ -119,7 +122,7 @@ def peer_process_runner(config, batch_np: dict, folder: str, keep_host_memory: b
             proc.stdin.write("step\n")
             proc.stdin.flush()
         except OSError as e:  # a broken pipe: the child is gone
-            raise RuntimeError(f"bench: the peer process exited (code {proc.wait()}); its error is above") from e
+            raise exited() from e
         return int(reply())
 
     return run_one, info, close
