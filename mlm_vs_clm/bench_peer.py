@@ -21,8 +21,10 @@ from mlm_vs_clm import host_memory
 
 
 def peer_runner(config, batch_np: dict):
-    """Hugging Face LlamaForCausalLM (PyTorch, f32) with the same dimensions: AdamW, causal LM
-    loss over whole rows, gradient clipping as ours, same B x L tokens, all CPU cores."""
+    """Hugging Face LlamaForCausalLM (PyTorch, f32 weights) with the same dimensions: AdamW, causal
+    LM loss over whole rows, gradient clipping as ours, same B x L tokens, all CPU cores. With a
+    16-bit compute dtype (`model.dtype`) its forward pass runs under `torch.autocast` in that
+    dtype, PyTorch's counterpart of our f32 master weights with 16-bit compute."""
     import torch
     import transformers
 
@@ -51,22 +53,25 @@ def peer_runner(config, batch_np: dict):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(o.b1, o.b2), eps=o.eps, weight_decay=o.weight_decay)
     ids = torch.from_numpy(batch_np["tokens"]).long()
 
+    autocast_dtype = None if m.dtype == "float32" else getattr(torch, m.dtype)
+
     def run_one():
-        loss = model(input_ids=ids, labels=ids).loss
+        with torch.autocast("cpu", dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     info = {"threads": threads, "torch": torch.__version__, "transformers": transformers.__version__,
-            "attn_implementation": str(model.config._attn_implementation)}
+            "attn_implementation": str(model.config._attn_implementation), "autocast": m.dtype}
     return run_one, info
 
 
 def _peer_config(config) -> dict:
     """What `peer_runner` reads of a config, as JSON."""
     keys = {"model": ("vocab_size", "hidden_size", "ffn_size", "num_layers", "num_heads", "num_kv_heads",
-                      "norm_eps", "rope_theta", "init_std"),
+                      "norm_eps", "rope_theta", "init_std", "dtype"),
             "optimizer": ("b1", "b2", "eps", "weight_decay", "clip_norm")}
     out = {group: {k: config[group][k] for k in names} for group, names in keys.items()}
     out["seed"] = config.seed

@@ -7,6 +7,7 @@ F ffn, V vocab, S number of layers.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import flax.linen as nn
@@ -145,8 +146,44 @@ class Proj(nn.Module):
         lead = x.shape[: x.ndim - self.in_dims]
         n_in, n_out = math.prod(in_shape), math.prod(self.out_shape)
         x_TxI = x.astype(dtype).reshape(math.prod(lead), n_in)
-        y_TxO = x_TxI @ kernel.astype(dtype).reshape(n_in, n_out)
+        kernel_IxO = kernel.reshape(n_in, n_out)
+        if dtype != jnp.float32 and jax.default_backend() == "cpu":
+            y_TxO = host_matmul(dtype.name, kernel_IxO.dtype.name)(x_TxI, kernel_IxO)
+        else:
+            y_TxO = x_TxI @ kernel_IxO.astype(dtype)
         return y_TxO.reshape(*lead, *self.out_shape)
+
+
+@functools.lru_cache(maxsize=None)
+def host_matmul(dtype: str, param_dtype: str):
+    """x [T, I] (in a 16-bit `dtype`) @ kernel [I, O] (in `param_dtype`) for XLA's CPU backend.
+
+    Its fast matmul kernels (YNNPACK) run bf16 operands on the AMX / AVX512-BF16 units only when
+    the product accumulates into an f32 result (bf16 x bf16 -> bf16 is upcast to an f32 dot, and
+    so is a dot whose left operand is transposed, the weight gradient's x^T @ dy). Autodiff of
+    `x @ kernel` gives bf16 results and f32 cotangents, so every dot of the step ran in f32. Here
+    each product asks for an f32 result, the backward pass casts dy to the compute dtype first,
+    and the kernel's gradient stays f32 from the accumulator to the master weights
+    (`docs/performance.md`, "bf16 on a CPU"). f32 models keep plain `x @ kernel` (this path
+    measured 1.03x slower there)."""
+    dtype, param_dtype = jnp.dtype(dtype), jnp.dtype(param_dtype)
+    f32 = jnp.float32
+
+    def forward(x_TxI, kernel_IxO):
+        kernel_IxO = kernel_IxO.astype(dtype)
+        return jnp.matmul(x_TxI, kernel_IxO, preferred_element_type=f32).astype(dtype), (x_TxI, kernel_IxO)
+
+    def backward(res, dy_TxO):
+        x_TxI, kernel_IxO = res
+        dy_TxO = dy_TxO.astype(dtype)
+        dx_TxI = jax.lax.dot_general(dy_TxO, kernel_IxO, (((1,), (1,)), ((), ())), preferred_element_type=f32)
+        xT_IxT = jax.lax.optimization_barrier(x_TxI.T)
+        dkernel_IxO = jnp.matmul(xT_IxT, dy_TxO, preferred_element_type=f32)
+        return dx_TxI.astype(dtype), dkernel_IxO.astype(param_dtype)
+
+    matmul = jax.custom_vjp(lambda x_TxI, kernel_IxO: forward(x_TxI, kernel_IxO)[0])
+    matmul.defvjp(forward, backward)
+    return matmul
 
 
 def _dense(features, axes, cfg: ModelConfig, name, in_axes=1):

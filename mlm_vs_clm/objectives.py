@@ -56,8 +56,12 @@ def _xent_sums(dtype):
     (d logits = weights * (softmax - onehot)), so the backward pass only scales them by the
     incoming cotangent: three head matmuls per chunk (logits, d h, d kernel), none recomputed."""
 
+    # On a CPU a 16-bit product asks for an f32 result, which XLA's CPU backend runs on the AMX /
+    # AVX512-BF16 units; a bf16 result makes it an f32 dot (see model.host_matmul).
+    acc = jnp.float32 if jax.default_backend() == "cpu" else None
+
     def logits_of(kernel_DxV, h_TxD):
-        return h_TxD.astype(dtype) @ kernel_DxV.astype(dtype)
+        return jnp.matmul(h_TxD.astype(dtype), kernel_DxV.astype(dtype), preferred_element_type=acc)
 
     def primal(kernel_DxV, h_nxTxD, t_nxT, w_nxT):
         def body(carry, x):
@@ -81,7 +85,7 @@ def _xent_sums(dtype):
             # writes d logits, so exp runs once per logit (a second exp(z - lse) pass cost 9 % of
             # the head on a CPU).
             dlogits_TxV = (exp_TxV * (w_T / sum_T)[:, None] - onehot_TxV * w_T[:, None]).astype(dtype)
-            dh_TxD = dlogits_TxV @ kernel_c.T  # [T, V] x [V, D]
+            dh_TxD = jnp.matmul(dlogits_TxV, kernel_c.T, preferred_element_type=acc)  # [T, V] x [V, D]
             # h^T as its own [D, T] array: XLA's CPU backend then runs a plain [D, T] x [T, V] GEMM
             # instead of writing d logits a second time, transposed (measured 1.2x for the chunk).
             hT_DxT = jax.lax.optimization_barrier(h_TxD.astype(dtype).T)

@@ -242,3 +242,35 @@ def test_perf_scripts_compile_and_document_their_command():
         compile(source, name, "exec")
         assert f"python tools/perf/{name}" in source and f"tools/perf/{name}" in docs, name
         assert 'if __name__ == "__main__":' in source, name
+
+
+def test_peer_and_peak_follow_a_16_bit_compute_dtype():
+    # With model.dtype bfloat16 the peer's forward runs under torch.autocast (f32 weights, bf16
+    # compute, as ours) and the peak chain accumulates each bf16 product in f32, as our step does.
+    import ml_collections
+    import torch
+
+    from mlm_vs_clm import bench_peer
+
+    c = load_config("configs/pretrain.py:tiny")
+    c.model.dtype = "bfloat16"
+    peer_cfg = bench_peer._peer_config(c)
+    assert peer_cfg["model"]["dtype"] == "bfloat16"
+    run_one, info = bench_peer.peer_runner(ml_collections.ConfigDict(peer_cfg), bench.synthetic_batch(2, 16, 4096))
+    assert info["autocast"] == "bfloat16"
+    seen = set()
+    hook = torch.nn.modules.module.register_module_forward_hook(
+        lambda mod, args, out: seen.add(out.dtype) if isinstance(mod, torch.nn.Linear) else None)
+    try:
+        run_one()
+    finally:
+        hook.remove()
+    assert seen == {torch.bfloat16}
+
+    run_peak, peak = bench.peak_runner("bfloat16")
+    assert peak["dtype"] == "bfloat16" and run_peak().dtype == jax.numpy.bfloat16
+
+    timing = {"step_seconds": 2.0, "step_seconds_p25": 2.0, "step_seconds_p75": 2.0, "tokens_per_second": 1.0}
+    result = {"peak_matmul": peak, "peak_flops_per_second": 1e9, "num_devices": 1, "device": "cpu",
+              "peer_kept": {**timing, "autocast": "bfloat16"}}
+    assert "| peer clm (HF torch, host memory kept mapped, bfloat16 autocast) |" in bench.table(result)

@@ -111,3 +111,55 @@ def test_no_involuntary_full_rematerialization_on_a_3d_mesh(capfd):
     finally:
         jax.config.update("jax_enable_compilation_cache", True)
     assert "Involuntary full rematerialization" not in capfd.readouterr().err
+
+
+def test_host_matmul_accumulates_in_f32_and_keeps_f32_kernel_gradients():
+    # The CPU path for 16-bit compute (model.host_matmul): bf16 operands, f32 accumulation, the
+    # kernel's gradient as an f32 product of the bf16 operands (never rounded to bf16).
+    from mlm_vs_clm.model import host_matmul
+
+    k = jax.random.split(jax.random.PRNGKey(3), 3)
+    x = jax.random.normal(k[0], (64, 48)).astype(jnp.bfloat16)
+    kernel = jax.random.normal(k[1], (48, 40), jnp.float32)
+    dy = jax.random.normal(k[2], (64, 40)).astype(jnp.bfloat16)
+    matmul = host_matmul("bfloat16", "float32")
+    y, vjp = jax.vjp(matmul, x, kernel)
+    dx, dkernel = vjp(dy)
+    assert (y.dtype, dx.dtype, dkernel.dtype) == (jnp.bfloat16, jnp.bfloat16, jnp.float32)
+    x32, kb32, dy32 = x.astype(jnp.float32), kernel.astype(jnp.bfloat16).astype(jnp.float32), dy.astype(jnp.float32)
+    np.testing.assert_allclose(np.asarray(y, np.float32), x32 @ kb32, rtol=1e-2, atol=1e-2)
+    np.testing.assert_allclose(np.asarray(dx, np.float32), dy32 @ kb32.T, rtol=1e-2, atol=1e-2)
+    # f32-exact: a bf16-rounded gradient would be off by ~2^-9 relative.
+    np.testing.assert_allclose(np.asarray(dkernel), x32.T @ dy32, rtol=1e-5, atol=1e-5)
+    assert np.max(np.abs(np.asarray(dkernel) - np.asarray((x32.T @ dy32).astype(jnp.bfloat16), np.float32))) > 1e-3
+
+
+def test_bf16_compute_on_cpu_tracks_the_f32_model():
+    # The same tiny model in bf16 compute (f32 master weights): loss and gradients close to f32's.
+    from mlm_vs_clm import objectives
+
+    base = tiny_config()
+    b = packed_batch(batch=2, length=64, segments=(24, 30))
+
+    def loss_and_grads(dtype):
+        c = tiny_config()
+        c.model.dtype = dtype
+        cfg = ModelConfig.from_config(c.model)
+        model = LanguageModel(cfg)
+        params = nn.meta.unbox(init_params(cfg, jax.random.PRNGKey(0)))
+
+        def loss(p):
+            h = model.apply({"params": p}, b["tokens"], b["segment_ids"], b["positions"], "causal", method=model.encode)
+            head = objectives.Head(p["lm_head"]["kernel"], jnp.dtype(dtype))
+            t = jnp.roll(jnp.asarray(b["tokens"]), -1, axis=1)
+            s = objectives.chunked_cross_entropy(head, h, t, jnp.asarray(b["segment_ids"] > 0, jnp.float32), 16)
+            return s.loss / s.count
+
+        return jax.value_and_grad(loss)(params)
+
+    l32, g32 = loss_and_grads("float32")
+    l16, g16 = loss_and_grads("bfloat16")
+    assert base.model.dtype == "float32" and abs(float(l16) - float(l32)) < 2e-2 * abs(float(l32))
+    for a, c in zip(jax.tree_util.tree_leaves(g32), jax.tree_util.tree_leaves(g16)):
+        assert c.dtype == jnp.float32
+        assert float(jnp.linalg.norm(a - c)) <= 0.1 * float(jnp.linalg.norm(a)) + 1e-6
