@@ -147,11 +147,21 @@ class Proj(nn.Module):
         n_in, n_out = math.prod(in_shape), math.prod(self.out_shape)
         x_TxI = x.astype(dtype).reshape(math.prod(lead), n_in)
         kernel_IxO = kernel.reshape(n_in, n_out)
-        if dtype != jnp.float32 and jax.default_backend() == "cpu":
+        if dtype.itemsize == 2 and jax.default_backend() == "cpu":
             y_TxO = host_matmul(dtype.name, kernel_IxO.dtype.name)(x_TxI, kernel_IxO)
         else:
             y_TxO = x_TxI @ kernel_IxO.astype(dtype)
         return y_TxO.reshape(*lead, *self.out_shape)
+
+
+def standalone_transpose(x_AxB):
+    """x^T [B, A] as an array of its own, which XLA cannot fold back into the dot that reads it.
+
+    XLA's CPU backend runs a dot whose operand is a transpose (folded or not, even behind an
+    optimization barrier, which it removes first) on its f32 path, 3-4x slower for bf16. A pad by
+    one column and a slice back is a copy it keeps as written."""
+    xT_BxA = jnp.pad(x_AxB.T, ((0, 0), (0, 1)))
+    return jax.lax.slice(xT_BxA, (0, 0), (x_AxB.shape[1], x_AxB.shape[0]))
 
 
 @functools.lru_cache(maxsize=None)
@@ -159,13 +169,14 @@ def host_matmul(dtype: str, param_dtype: str):
     """x [T, I] (in a 16-bit `dtype`) @ kernel [I, O] (in `param_dtype`) for XLA's CPU backend.
 
     Its fast matmul kernels (YNNPACK) run bf16 operands on the AMX / AVX512-BF16 units only when
-    the product accumulates into an f32 result (bf16 x bf16 -> bf16 is upcast to an f32 dot, and
-    so is a dot whose left operand is transposed, the weight gradient's x^T @ dy). Autodiff of
-    `x @ kernel` gives bf16 results and f32 cotangents, so every dot of the step ran in f32. Here
-    each product asks for an f32 result, the backward pass casts dy to the compute dtype first,
-    and the kernel's gradient stays f32 from the accumulator to the master weights
-    (`docs/performance.md`, "bf16 on a CPU"). f32 models keep plain `x @ kernel` (this path
-    measured 1.03x slower there)."""
+    the product accumulates into an f32 result and no operand is transposed; otherwise the dot
+    runs in f32, 3-4x slower (`python tools/perf/matmul_rates.py`). Autodiff of `x @ kernel`
+    gives bf16 results, f32 cotangents and the weight gradient x^T @ dy with a transposed
+    operand, so every dot of the step ran in f32. Here each product asks for an f32 result, the
+    backward pass casts dy to the compute dtype, contracts dy with the kernel as it is stored,
+    and gives the weight gradient an x^T of its own (`standalone_transpose`); the kernel's
+    gradient stays f32 from the accumulator to the master weights. f32 models keep plain
+    `x @ kernel` (`docs/performance.md`, "bf16 on a CPU")."""
     dtype, param_dtype = jnp.dtype(dtype), jnp.dtype(param_dtype)
     f32 = jnp.float32
 
@@ -175,10 +186,9 @@ def host_matmul(dtype: str, param_dtype: str):
 
     def backward(res, dy_TxO):
         x_TxI, kernel_IxO = res
-        dy_TxO = dy_TxO.astype(dtype)
+        dy_TxO = dy_TxO.astype(dtype)  # [T, O] x [I, O] contracted over O, then x^T [I, T] x [T, O]
         dx_TxI = jax.lax.dot_general(dy_TxO, kernel_IxO, (((1,), (1,)), ((), ())), preferred_element_type=f32)
-        xT_IxT = jax.lax.optimization_barrier(x_TxI.T)
-        dkernel_IxO = jnp.matmul(xT_IxT, dy_TxO, preferred_element_type=f32)
+        dkernel_IxO = jnp.matmul(standalone_transpose(x_TxI), dy_TxO, preferred_element_type=f32)
         return dx_TxI.astype(dtype), dkernel_IxO.astype(param_dtype)
 
     matmul = jax.custom_vjp(lambda x_TxI, kernel_IxO: forward(x_TxI, kernel_IxO)[0])

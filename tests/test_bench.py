@@ -274,3 +274,27 @@ def test_peer_and_peak_follow_a_16_bit_compute_dtype():
     result = {"peak_matmul": peak, "peak_flops_per_second": 1e9, "num_devices": 1, "device": "cpu",
               "peer_kept": {**timing, "autocast": "bfloat16"}}
     assert "| peer clm (HF torch, host memory kept mapped, bfloat16 autocast) |" in bench.table(result)
+
+
+def _dot_operand_types(hlo_text: str) -> list:
+    """(lhs type, rhs type) of every dot in an optimised HLO module's text, e.g. 'bf16[64,2048]'."""
+    import re
+
+    types = dict(re.findall(r"(%[\w.\-]+) = (\w+\[[\d,]*\])", hlo_text))
+    return [(types[a], types[b]) for a, b in re.findall(r"\} dot\((%[\w.\-]+), (%[\w.\-]+)\)", hlo_text)]
+
+
+def test_bf16_step_on_cpu_runs_every_projection_and_head_matmul_in_bf16():
+    # XLA's CPU backend sends a bf16 dot with a bf16 result or a transposed operand to its f32
+    # path (3-4x slower); model.host_matmul and the loss avoid both, forward and backward.
+    c = load_config("configs/pretrain.py:tiny,clm")
+    c.model.dtype = "bfloat16"
+    mesh = sharding.make_mesh(c.mesh, jax.devices()[:1])  # one CPU device, as the benchmark runs
+    setup = train_state.build(c, mesh)
+    batch = jax.device_put(bench.synthetic_batch(4, 128, c.model.vocab_size), step_lib.batch_shardings(mesh))
+    state = train_state.init_state(setup, c.seed)
+    hlo = step_lib.compiled_train_step(setup, schedules._objective("clm", 0.4)).lower(state, batch).compile().as_text()
+    matrix_dots = [t for t in _dot_operand_types(hlo) if t[0].count(",") == 1]  # the 2-D ones: not attention
+    # per layer 7 projections x 3 (forward, d x, d kernel), and the head's 3 products
+    assert len(matrix_dots) >= 7 * 3 + 3
+    assert all(a.startswith("bf16[") and b.startswith("bf16[") for a, b in matrix_dots), matrix_dots
