@@ -7,12 +7,13 @@ F ffn, V vocab, S number of layers.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from mlm_vs_clm import cpu_ops
 
 MASK_MODES = ("causal", "bidirectional")
 
@@ -147,53 +148,11 @@ class Proj(nn.Module):
         n_in, n_out = math.prod(in_shape), math.prod(self.out_shape)
         x_TxI = x.astype(dtype).reshape(math.prod(lead), n_in)
         kernel_IxO = kernel.reshape(n_in, n_out)
-        if dtype.itemsize == 2 and jax.default_backend() == "cpu":
-            y_TxO = host_matmul(dtype.name, kernel_IxO.dtype.name)(x_TxI, kernel_IxO)
+        if cpu_ops.wanted(dtype):  # 16-bit compute on a CPU: every product on the bf16 units
+            y_TxO = cpu_ops.matmul(dtype.name, kernel_IxO.dtype.name)(x_TxI, kernel_IxO)
         else:
             y_TxO = x_TxI @ kernel_IxO.astype(dtype)
         return y_TxO.reshape(*lead, *self.out_shape)
-
-
-def standalone_transpose(x_AxB):
-    """x^T [B, A] as an array of its own, which XLA cannot fold back into the dot that reads it.
-
-    XLA's CPU backend runs a dot whose operand is a transpose (folded or not, even behind an
-    optimization barrier, which it removes first) on its f32 path, 3-4x slower for bf16. A pad by
-    one column and a slice back is a copy it keeps as written."""
-    xT_BxA = jnp.pad(x_AxB.T, ((0, 0), (0, 1)))
-    return jax.lax.slice(xT_BxA, (0, 0), (x_AxB.shape[1], x_AxB.shape[0]))
-
-
-@functools.lru_cache(maxsize=None)
-def host_matmul(dtype: str, param_dtype: str):
-    """x [T, I] (in a 16-bit `dtype`) @ kernel [I, O] (in `param_dtype`) for XLA's CPU backend.
-
-    Its fast matmul kernels (YNNPACK) run bf16 operands on the AMX / AVX512-BF16 units only when
-    the product accumulates into an f32 result and no operand is transposed; otherwise the dot
-    runs in f32, 3-4x slower (`python tools/perf/matmul_rates.py`). Autodiff of `x @ kernel`
-    gives bf16 results, f32 cotangents and the weight gradient x^T @ dy with a transposed
-    operand, so every dot of the step ran in f32. Here each product asks for an f32 result, the
-    backward pass casts dy to the compute dtype, contracts dy with the kernel as it is stored,
-    and gives the weight gradient an x^T of its own (`standalone_transpose`); the kernel's
-    gradient stays f32 from the accumulator to the master weights. f32 models keep plain
-    `x @ kernel` (`docs/performance.md`, "bf16 on a CPU")."""
-    dtype, param_dtype = jnp.dtype(dtype), jnp.dtype(param_dtype)
-    f32 = jnp.float32
-
-    def forward(x_TxI, kernel_IxO):
-        kernel_IxO = kernel_IxO.astype(dtype)
-        return jnp.matmul(x_TxI, kernel_IxO, preferred_element_type=f32).astype(dtype), (x_TxI, kernel_IxO)
-
-    def backward(res, dy_TxO):
-        x_TxI, kernel_IxO = res
-        dy_TxO = dy_TxO.astype(dtype)  # [T, O] x [I, O] contracted over O, then x^T [I, T] x [T, O]
-        dx_TxI = jax.lax.dot_general(dy_TxO, kernel_IxO, (((1,), (1,)), ((), ())), preferred_element_type=f32)
-        dkernel_IxO = jnp.matmul(standalone_transpose(x_TxI), dy_TxO, preferred_element_type=f32)
-        return dx_TxI.astype(dtype), dkernel_IxO.astype(param_dtype)
-
-    matmul = jax.custom_vjp(lambda x_TxI, kernel_IxO: forward(x_TxI, kernel_IxO)[0])
-    matmul.defvjp(forward, backward)
-    return matmul
 
 
 def _dense(features, axes, cfg: ModelConfig, name, in_axes=1):
@@ -220,14 +179,23 @@ class Block(nn.Module):
         )
         q_BxLxNxH = apply_rope(q_BxLxNxH, cos_BxLxH, sin_BxLxH)
         k_BxLxKxH = apply_rope(k_BxLxKxH, cos_BxLxH, sin_BxLxH)
-        o_BxLxNxH = jax.nn.dot_product_attention(
-            q_BxLxNxH,
-            k_BxLxKxH,
-            v_BxLxKxH,
-            mask=mask_Bx1xLxL,
-            is_causal=self.mask_mode == "causal",
-            implementation=cfg.attention_impl or None,
-        )
+        if cpu_ops.wanted(dtype) and not cfg.attention_impl:
+            if self.mask_mode == "causal":
+                L = mask_Bx1xLxL.shape[-1]
+                mask_Bx1xLxL = mask_Bx1xLxL & jnp.tril(jnp.ones((L, L), bool))
+            groups = N // K  # grouped queries: kv head n // groups serves query head n
+            o_BxLxNxH = cpu_ops.attention(
+                q_BxLxNxH, jnp.repeat(k_BxLxKxH, groups, axis=2), jnp.repeat(v_BxLxKxH, groups, axis=2), mask_Bx1xLxL
+            )
+        else:
+            o_BxLxNxH = jax.nn.dot_product_attention(
+                q_BxLxNxH,
+                k_BxLxKxH,
+                v_BxLxKxH,
+                mask=mask_Bx1xLxL,
+                is_causal=self.mask_mode == "causal",
+                implementation=cfg.attention_impl or None,
+            )
         o_BxLxNxH = nn.with_logical_constraint(
             o_BxLxNxH, ("activation_batch", "activation_length", "activation_heads", None)
         )

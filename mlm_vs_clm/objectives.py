@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from mlm_vs_clm.model import standalone_transpose
+from mlm_vs_clm import cpu_ops
 from mlm_vs_clm.schedules import Objective
 
 
@@ -58,9 +58,9 @@ def _xent_sums(dtype):
     incoming cotangent: three head matmuls per chunk (logits, d h, d kernel), none recomputed."""
 
     # On a CPU a 16-bit product asks for an f32 result, which XLA's CPU backend runs on the AMX /
-    # AVX512-BF16 units; a bf16 result makes it an f32 dot (see model.host_matmul).
+    # AVX512-BF16 units; a bf16 result makes it an f32 dot (mlm_vs_clm/cpu_ops.py).
     acc = jnp.float32 if jax.default_backend() == "cpu" else None
-    sixteen_bit_on_cpu = acc is not None and jnp.dtype(dtype).itemsize == 2
+    sixteen_bit_on_cpu = cpu_ops.wanted(dtype)
 
     def logits_of(kernel_DxV, h_TxD):
         return jnp.matmul(h_TxD.astype(dtype), kernel_DxV.astype(dtype), preferred_element_type=acc)
@@ -88,13 +88,13 @@ def _xent_sums(dtype):
             # the head on a CPU).
             dlogits_TxV = (exp_TxV * (w_T / sum_T)[:, None] - onehot_TxV * w_T[:, None]).astype(dtype)
             # [T, V] x [D, V] contracted over V: no transpose op feeds the dot, which would send a
-            # bf16 dot to XLA's f32 path on a CPU (model.standalone_transpose).
+            # bf16 dot to XLA's f32 path on a CPU (mlm_vs_clm/cpu_ops.py).
             dh_TxD = jax.lax.dot_general(dlogits_TxV, kernel_c, (((1,), (1,)), ((), ())), preferred_element_type=acc)
             # h^T as its own [D, T] array: XLA's CPU backend then runs a plain [D, T] x [T, V] GEMM
             # instead of writing d logits a second time, transposed (measured 1.2x for the chunk).
             # A 16-bit h^T must also stay out of the dot's reach to run in bf16 (1.2x the bf16 step).
             if sixteen_bit_on_cpu:
-                hT_DxT = standalone_transpose(h_TxD.astype(dtype))
+                hT_DxT = cpu_ops.standalone_transpose(h_TxD.astype(dtype))
             else:
                 hT_DxT = jax.lax.optimization_barrier(h_TxD.astype(dtype).T)
             dkernel_DxV = dkernel_DxV + jnp.matmul(hT_DxT, dlogits_TxV, preferred_element_type=jnp.float32)

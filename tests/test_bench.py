@@ -286,7 +286,7 @@ def _dot_operand_types(hlo_text: str) -> list:
 
 def test_bf16_step_on_cpu_runs_every_projection_and_head_matmul_in_bf16():
     # XLA's CPU backend sends a bf16 dot with a bf16 result or a transposed operand to its f32
-    # path (3-4x slower); model.host_matmul and the loss avoid both, forward and backward.
+    # path (3-4x slower); mlm_vs_clm/cpu_ops.py and the loss avoid both, forward and backward.
     c = load_config("configs/pretrain.py:tiny,clm")
     c.model.dtype = "bfloat16"
     mesh = sharding.make_mesh(c.mesh, jax.devices()[:1])  # one CPU device, as the benchmark runs

@@ -113,16 +113,16 @@ def test_no_involuntary_full_rematerialization_on_a_3d_mesh(capfd):
     assert "Involuntary full rematerialization" not in capfd.readouterr().err
 
 
-def test_host_matmul_accumulates_in_f32_and_keeps_f32_kernel_gradients():
-    # The CPU path for 16-bit compute (model.host_matmul): bf16 operands, f32 accumulation, the
+def test_cpu_matmul_accumulates_in_f32_and_keeps_f32_kernel_gradients():
+    # The CPU path for 16-bit compute (cpu_ops.matmul): bf16 operands, f32 accumulation, the
     # kernel's gradient as an f32 product of the bf16 operands (never rounded to bf16).
-    from mlm_vs_clm.model import host_matmul
+    from mlm_vs_clm import cpu_ops
 
     k = jax.random.split(jax.random.PRNGKey(3), 3)
     x = jax.random.normal(k[0], (64, 48)).astype(jnp.bfloat16)
     kernel = jax.random.normal(k[1], (48, 40), jnp.float32)
     dy = jax.random.normal(k[2], (64, 40)).astype(jnp.bfloat16)
-    matmul = host_matmul("bfloat16", "float32")
+    matmul = cpu_ops.matmul("bfloat16", "float32")
     y, vjp = jax.vjp(matmul, x, kernel)
     dx, dkernel = vjp(dy)
     assert (y.dtype, dx.dtype, dkernel.dtype) == (jnp.bfloat16, jnp.bfloat16, jnp.float32)
@@ -163,3 +163,34 @@ def test_bf16_compute_on_cpu_tracks_the_f32_model():
     for a, c in zip(jax.tree_util.tree_leaves(g32), jax.tree_util.tree_leaves(g16)):
         assert c.dtype == jnp.float32
         assert float(jnp.linalg.norm(a - c)) <= 0.1 * float(jnp.linalg.norm(a)) + 1e-6
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_cpu_attention_matches_the_library_forward_and_backward(causal):
+    # cpu_ops.attention against jax.nn.dot_product_attention on packed rows (segments, padding),
+    # in f32 (tight) and bf16 (loose); rows of padding have zero gradient in both.
+    from mlm_vs_clm import cpu_ops
+    from mlm_vs_clm.model import attention_mask
+
+    b = packed_batch(batch=2, length=32, segments=(12, 14))
+    mask = attention_mask(jnp.asarray(b["segment_ids"]))
+    full = mask & jnp.tril(jnp.ones((32, 32), bool)) if causal else mask
+    k = jax.random.split(jax.random.PRNGKey(5), 4)
+    q, kk, v, dout = (jax.random.normal(k[i], (2, 32, 4, 16)) for i in range(4))
+    dout = dout * (b["segment_ids"] > 0)[:, :, None, None]  # as the loss: nothing flows from padding
+
+    def lib(q, kk, v):
+        return jax.nn.dot_product_attention(q, kk, v, mask=mask, is_causal=causal)
+
+    ref, ref_vjp = jax.vjp(lib, q, kk, v)
+    ref_grads = ref_vjp(dout)
+    for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 5e-2)):
+        args = [x.astype(dtype) for x in (q, kk, v)]
+        out, vjp = jax.vjp(lambda q, kk, v: cpu_ops.attention(q, kk, v, full), *args)
+        grads = vjp(dout.astype(dtype))
+        assert out.dtype == dtype and all(g.dtype == dtype for g in grads)
+        valid = (b["segment_ids"] > 0)[:, :, None, None]
+        np.testing.assert_allclose(np.asarray(out, np.float32) * valid, np.asarray(ref) * valid, atol=tol, rtol=tol)
+        for g, r in zip(grads, ref_grads):
+            scale = float(jnp.max(jnp.abs(r)))
+            np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r), atol=tol * scale, rtol=tol)
