@@ -194,3 +194,16 @@ def test_cpu_attention_matches_the_library_forward_and_backward(causal):
         for g, r in zip(grads, ref_grads):
             scale = float(jnp.max(jnp.abs(r)))
             np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r), atol=tol * scale, rtol=tol)
+
+
+@pytest.mark.parametrize("shape,axes", [((128, 64), (1, 0)), ((24, 40), (1, 0)), ((7, 5), (1, 0)), ((16, 5), (1, 0)),
+                                        ((2, 32, 3, 4), (0, 2, 1, 3)), ((2, 3, 16, 24), (0, 1, 3, 2)),
+                                        ((2, 5, 3, 4), (0, 2, 1, 3))])
+def test_standalone_transpose_is_a_transpose(shape, axes):
+    # block-wise (matrices whose sides divide into blocks of 8 or more), else pad and slice; any dtype
+    from mlm_vs_clm.cpu_ops import standalone_transpose
+
+    x = jnp.arange(np.prod(shape), dtype=jnp.float32).reshape(shape)
+    for dtype in (jnp.float32, jnp.bfloat16, jnp.int32):
+        got = jax.jit(lambda x: standalone_transpose(x, axes))(x.astype(dtype))
+        np.testing.assert_array_equal(np.asarray(got), np.transpose(np.asarray(x.astype(dtype)), axes))
