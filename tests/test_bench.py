@@ -235,7 +235,7 @@ def test_perf_scripts_compile_and_document_their_command():
     # compile and say how it is run (the full runs take minutes; they are not repeated here).
     folder = os.path.join(REPO, "tools", "perf")
     scripts = sorted(f for f in os.listdir(folder) if f.endswith(".py"))
-    assert scripts == ["loss_ab.py", "matmul_rates.py", "parts.py"]
+    assert scripts == ["cpu_ops_ab.py", "loss_ab.py", "matmul_rates.py", "parts.py", "profile_step.py"]
     docs = pathlib.Path(REPO, "docs", "performance.md").read_text()
     for name in scripts:
         source = pathlib.Path(folder, name).read_text()
