@@ -51,15 +51,18 @@ def synthetic_batch(batch_size: int, seq_len: int, vocab_size: int, seed: int = 
 
 
 def peak_runner(dtype: str):
-    """A jitted chain of square matmuls in `dtype`: (run_one, FLOPs per call). A 16-bit dtype
-    accumulates each product in f32 (and rounds it back for the next), as our step's matmuls
-    do: on a CPU, XLA runs a bf16 x bf16 -> bf16 dot as an f32 one, 3-4x slower."""
+    """A jitted chain of square matmuls in `dtype`: (run_one, FLOPs per call). On a CPU a 16-bit
+    dtype accumulates each product in f32 (and rounds it back for the next), as our step's
+    matmuls do there (mlm_vs_clm/cpu_ops.py): XLA's CPU backend runs a bf16 x bf16 -> bf16 dot
+    as an f32 one, 3-4x slower. Accelerators chain plain products in `dtype`."""
     on_cpu = jax.default_backend() == "cpu"
     n = 1024 if on_cpu else 8192
     reps = max(1, int((2e10 if on_cpu else 2e13) // (2 * n**3)))
     x_NxN = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32).astype(dtype)
     w_NxN = (jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32) / np.sqrt(n)).astype(dtype)
     def product(a, w):
+        if not on_cpu:
+            return a @ w
         return jnp.matmul(a, w, preferred_element_type=jnp.float32).astype(a.dtype)
 
     chain = jax.jit(lambda x, w: jax.lax.fori_loop(0, reps, lambda _, a: product(a, w), x))

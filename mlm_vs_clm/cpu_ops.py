@@ -91,10 +91,10 @@ def attention(q_BxLxNxH, k_BxLxNxH, v_BxLxNxH, mask_Bx1xLxL):
 def _attention_forward(q, k, v, mask):
     dtype = q.dtype
     scale = q.shape[-1] ** -0.5
-    qt = standalone_transpose((q.astype(F32) * scale).astype(dtype), _HEADS_FIRST)  # [B, N, L, H]
+    qt = standalone_transpose(q, _HEADS_FIRST)  # [B, N, L, H]
     kt = standalone_transpose(k, _HEADS_FIRST)
     vt = standalone_transpose(v, _HEADS_FIRST)
-    s = _dot(qt, kt, (3, 3), batch=2)  # [B, N, Lq, Lk]
+    s = _dot(qt, kt, (3, 3), batch=2) * scale  # [B, N, Lq, Lk], scaled in f32
     s = jnp.where(mask, s, jnp.finfo(F32).min)
     p = jax.nn.softmax(s, axis=-1).astype(dtype)
     o = _dot(p, vt, (3, 2), batch=2)  # [B, N, Lq, H]
@@ -111,8 +111,8 @@ def _attention_backward(res, dout):
     dp = _dot(dot_, vt, (3, 3), batch=2)  # [B, N, Lq, Lk]
     rows = jnp.sum(dot_.astype(F32) * o, axis=-1, keepdims=True)
     ds = jnp.where(mask, p.astype(F32) * (dp - rows), 0.0).astype(dtype)
-    dq = _dot(ds, kt, (3, 2), batch=2) * scale  # d/d q (q carries the scale in qt)
-    dk = _dot(standalone_transpose(ds, _KEYS_FIRST), qt, (3, 2), batch=2)
+    dq = _dot(ds, kt, (3, 2), batch=2) * scale
+    dk = _dot(standalone_transpose(ds, _KEYS_FIRST), qt, (3, 2), batch=2) * scale
     back = lambda x: jnp.transpose(x.astype(dtype), _HEADS_FIRST)
     return back(dq), back(dk), back(dv), None
 

@@ -248,9 +248,11 @@ def test_peer_and_peak_follow_a_16_bit_compute_dtype():
     # With model.dtype bfloat16 the peer's forward runs under torch.autocast (f32 weights, bf16
     # compute, as ours) and the peak chain accumulates each bf16 product in f32, as our step does.
     import ml_collections
-    import torch
 
     from mlm_vs_clm import bench_peer
+
+    torch = pytest.importorskip("torch")  # the hf extra
+    pytest.importorskip("transformers")
 
     c = load_config("configs/pretrain.py:tiny")
     c.model.dtype = "bfloat16"

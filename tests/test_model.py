@@ -207,3 +207,20 @@ def test_standalone_transpose_is_a_transpose(shape, axes):
     for dtype in (jnp.float32, jnp.bfloat16, jnp.int32):
         got = jax.jit(lambda x: standalone_transpose(x, axes))(x.astype(dtype))
         np.testing.assert_array_equal(np.asarray(got), np.transpose(np.asarray(x.astype(dtype)), axes))
+
+
+def test_only_16_bit_models_on_a_cpu_take_the_cpu_ops_paths():
+    from mlm_vs_clm import cpu_ops
+
+    assert jax.default_backend() == "cpu"
+    assert cpu_ops.wanted("bfloat16") and cpu_ops.wanted(jnp.float16)
+    assert not cpu_ops.wanted("float32")
+    # an f32 model's step is plain autodiff: no custom_vjp in its jaxpr
+    cfg = ModelConfig.from_config(tiny_config().model)
+    model, params = LanguageModel(cfg), nn.meta.unbox(init_params(cfg, jax.random.PRNGKey(0)))
+    b = packed_batch(batch=2)
+
+    def loss(p):
+        return jnp.sum(model.apply({"params": p}, b["tokens"], b["segment_ids"], b["positions"], "causal") ** 2)
+
+    assert "custom_vjp" not in str(jax.make_jaxpr(jax.grad(loss))(params))
