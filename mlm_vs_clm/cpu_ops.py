@@ -76,6 +76,22 @@ def matmul(dtype: str, param_dtype: str):
     return fn
 
 
+@jax.custom_vjp
+def rotate_half(x):
+    """[x1, x2] -> [-x2, x1] along the last axis (RoPE's rotation), as a product with a signed
+    permutation matrix (exact in any dtype). In a bf16 step the slices and the concatenation,
+    fused by XLA with the casts and the heads-first transposes around them, cost more than this
+    small product (`tools/perf/cpu_ops_ab.py`). Its transpose is minus itself, which is the
+    backward pass (in x's dtype, so that it too stays on the bf16 path)."""
+    h = x.shape[-1]
+    half = jnp.arange(h // 2)
+    rotation = jnp.zeros((h, h), x.dtype).at[half + h // 2, half].set(-1).at[half, half + h // 2].set(1)
+    return _dot(x, rotation, (x.ndim - 1, 0)).astype(x.dtype)
+
+
+rotate_half.defvjp(lambda x: (rotate_half(x), None), lambda _, g: (-rotate_half(g),))
+
+
 _HEADS_FIRST = (0, 2, 1, 3)  # [B, L, N, H] <-> [B, N, L, H]
 _KEYS_FIRST = (0, 1, 3, 2)  # [B, N, Lq, Lk] -> [B, N, Lk, Lq]
 

@@ -92,9 +92,12 @@ def rope_tables(positions_BxL: jnp.ndarray, cfg: ModelConfig):
 
 
 def apply_rope(x_BxLxNxH, cos_BxLxH, sin_BxLxH):
-    half = x_BxLxNxH.shape[-1] // 2
-    x1, x2 = x_BxLxNxH[..., :half], x_BxLxNxH[..., half:]
-    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    if cpu_ops.wanted(x_BxLxNxH.dtype):
+        rotated = cpu_ops.rotate_half(x_BxLxNxH)
+    else:
+        half = x_BxLxNxH.shape[-1] // 2
+        x1, x2 = x_BxLxNxH[..., :half], x_BxLxNxH[..., half:]
+        rotated = jnp.concatenate([-x2, x1], axis=-1)
     cos, sin = cos_BxLxH[:, :, None, :], sin_BxLxH[:, :, None, :]
     out = x_BxLxNxH.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin
     return out.astype(x_BxLxNxH.dtype)

@@ -224,3 +224,26 @@ def test_only_16_bit_models_on_a_cpu_take_the_cpu_ops_paths():
         return jnp.sum(model.apply({"params": p}, b["tokens"], b["segment_ids"], b["positions"], "causal") ** 2)
 
     assert "custom_vjp" not in str(jax.make_jaxpr(jax.grad(loss))(params))
+
+
+def test_rope_rotation_as_a_product_matches_the_halves():
+    # cpu_ops.rotate_half (16-bit models on a CPU) against slices and a concatenation
+    from mlm_vs_clm import cpu_ops
+    from mlm_vs_clm.model import apply_rope
+
+    x = jax.random.normal(jax.random.PRNGKey(7), (2, 8, 4, 16))
+    half = jnp.concatenate([-x[..., 8:], x[..., :8]], axis=-1)
+    np.testing.assert_array_equal(np.asarray(cpu_ops.rotate_half(x)), np.asarray(half))
+    xb = x.astype(jnp.bfloat16)
+    assert cpu_ops.rotate_half(xb).dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(cpu_ops.rotate_half(xb), np.float32),
+                                  np.asarray(half.astype(jnp.bfloat16), np.float32))
+    # backward: the transpose of the rotation
+    g = jax.random.normal(jax.random.PRNGKey(8), x.shape)
+    _, vjp = jax.vjp(cpu_ops.rotate_half, x)
+    _, vjp_ref = jax.vjp(lambda x: jnp.concatenate([-x[..., 8:], x[..., :8]], axis=-1), x)
+    np.testing.assert_array_equal(np.asarray(vjp(g)[0]), np.asarray(vjp_ref(g)[0]))
+    cos, sin = jnp.cos(x[:, :, 0]), jnp.sin(x[:, :, 1])
+    expected = apply_rope(x, cos, sin)  # f32: the halves
+    got = apply_rope(xb, cos, sin)  # bf16 on a CPU: the product
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(expected), atol=3e-2, rtol=3e-2)
