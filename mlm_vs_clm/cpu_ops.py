@@ -1,4 +1,4 @@
-"""Matmul and attention for 16-bit compute on XLA's CPU backend.
+"""Matmul, attention and RoPE's rotation for 16-bit compute on XLA's CPU backend.
 
 XLA's CPU matmul kernels (YNNPACK) run bf16 operands on the AMX / AVX512-BF16 units only when
 the product accumulates into an f32 result and neither operand is a transpose; any other bf16
