@@ -92,7 +92,8 @@ def _xent_sums(dtype):
             dh_TxD = jax.lax.dot_general(dlogits_TxV, kernel_c, (((1,), (1,)), ((), ())), preferred_element_type=acc)
             # h^T as its own [D, T] array: XLA's CPU backend then runs a plain [D, T] x [T, V] GEMM
             # instead of writing d logits a second time, transposed (measured 1.2x for the chunk).
-            # A 16-bit h^T must also stay out of the dot's reach to run in bf16 (1.2x the bf16 step).
+            # A 16-bit h^T must also stay out of the dot's reach for the dot to run in bf16
+            # (part of what `python tools/perf/cpu_ops_ab.py` measures as the matmul version).
             if sixteen_bit_on_cpu:
                 hT_DxT = cpu_ops.standalone_transpose(h_TxD.astype(dtype))
             else:
