@@ -70,8 +70,11 @@ def _size_config(name: str) -> ml_collections.ConfigDict:
             init_std=0.02,
             dtype="bfloat16" if big else "float32",
             param_dtype="float32",
-            # jax.nn.dot_product_attention implementation: '' (let JAX choose), 'xla', 'cudnn'.
+            # Attention kernel: '' (by device and dtype: model.resolve_attention), 'xla', 'cudnn'
+            # (dense segment mask), 'cudnn_packed' (cuDNN's packed layout, Hopper+: gpu_ops.py).
             attention_impl="",
+            # cudnn_packed: segments per row it describes; a batch with more takes the dense mask.
+            attention_max_segments=32,
             # Unrolled on `small`: on a CPU the scan's stacked residuals (zeroed, then written and
             # read layer by layer) cost 9 % of the CLM step (docs/performance.md).
             scan_layers=name != "small",

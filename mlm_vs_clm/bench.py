@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mlm_vs_clm import bench_peer, flops, host_memory, schedules, sharding, train_state
+from mlm_vs_clm import model as model_lib
 from mlm_vs_clm import step as step_lib
 
 DEFAULT_OBJECTIVES = ("clm", "mlm40")
@@ -234,6 +235,8 @@ def run(config, objective_names=DEFAULT_OBJECTIVES, steps: int = 10, warmup: int
         "seq_len": L,
         "compute_dtype": config.model.dtype,
         "attention_impl": config.model.attention_impl or "default",
+        "attention_kernel": model_lib.resolve_attention(setup.model.cfg),
+        "remat_policy": config.model.remat_policy,
         "peak_flops_per_second": peak_flops,
         "peak_flops_per_second_median": peak["flops_per_call"] / float(np.median(times["peak"])),
         "peak_matmul": peak,
@@ -244,6 +247,15 @@ def run(config, objective_names=DEFAULT_OBJECTIVES, steps: int = 10, warmup: int
         r["minor_page_faults_per_step"] = faults[obj.name]
         r["model_flops_per_second"] = r["model_flops_per_token"] * r["tokens_per_second"]
         r["mfu"] = r["model_flops_per_second"] / peak_flops
+        # The same count with only the (query, key) pairs inside a segment of this batch: the
+        # work a kernel that skips the blocks between segments does (model.attention_impl
+        # cudnn_packed). The convention above counts whole rows.
+        keys = flops.keys_in_segments(batch_np["segment_ids"], obj.kind == "clm")
+        r["attention_keys_per_query_in_segments"] = keys
+        r["model_flops_per_token_in_segments"] = flops.train_flops_per_token(
+            setup.model.cfg, L, obj.kind, obj.mask_ratio, bool(config.mlm.sparse_head), keys_per_query=keys
+        ).per_token
+        r["mfu_in_segments"] = r["model_flops_per_token_in_segments"] * r["tokens_per_second"] / peak_flops
         r["final_loss"] = float(jax.device_get(holders[obj.name]["loss"]))
         if jax.default_backend() != "cpu":
             stats = jax.devices()[0].memory_stats() or {}

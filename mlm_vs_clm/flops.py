@@ -30,8 +30,10 @@ class StepFlops:
 
 
 def train_flops_per_token(model_cfg, seq_len: int, objective_kind: str, mask_ratio: float = 0.0,
-                          sparse_head: bool = True) -> StepFlops:
-    """Model FLOPs per input token of one training step (see the module docstring)."""
+                          sparse_head: bool = True, keys_per_query: float | None = None) -> StepFlops:
+    """Model FLOPs per input token of one training step (see the module docstring).
+    `keys_per_query` replaces the convention's keys per query (`keys_in_segments` counts only
+    the keys inside each query's segment)."""
     if objective_kind not in ("clm", "mlm"):
         raise ValueError(f"flops: objective kind must be 'clm' or 'mlm', got {objective_kind!r}")
     D, F, V = model_cfg.hidden_size, model_cfg.ffn_size, model_cfg.vocab_size
@@ -41,6 +43,8 @@ def train_flops_per_token(model_cfg, seq_len: int, objective_kind: str, mask_rat
     projections = 2 * D * (N + 2 * K) * H + 2 * N * H * D
     mlp = 3 * 2 * D * F
     keys = (L + 1) / 2 if objective_kind == "clm" else float(L)
+    if keys_per_query is not None:
+        keys = float(keys_per_query)
     attention = 2 * 2 * N * H * keys
     per_layer = projections + mlp + attention
     if objective_kind == "mlm" and sparse_head:
@@ -50,3 +54,18 @@ def train_flops_per_token(model_cfg, seq_len: int, objective_kind: str, mask_rat
     head = 2 * D * V * head_rows / L
     forward = model_cfg.num_layers * per_layer + head
     return StepFlops(3 * forward, forward, head_rows, keys)
+
+
+def keys_in_segments(segment_ids_BxL, causal: bool) -> float:
+    """Keys per query (averaged over all B*L positions, padding included) that lie inside the
+    query's own segment of a packed batch: the attention a kernel that skips every block
+    between segments computes (cuDNN's packed layout, mlm_vs_clm/gpu_ops.py)."""
+    import numpy as np
+
+    seg = np.asarray(segment_ids_BxL)
+    pairs = 0.0
+    for row in seg:
+        _, lengths = np.unique(row[row > 0], return_counts=True)
+        lengths = lengths.astype(np.float64)
+        pairs += float(np.sum(lengths * (lengths + 1) / 2 if causal else lengths**2))
+    return pairs / seg.size

@@ -7,13 +7,14 @@ F ffn, V vocab, S number of layers.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mlm_vs_clm import cpu_ops
+from mlm_vs_clm import cpu_ops, gpu_ops
 
 MASK_MODES = ("causal", "bidirectional")
 
@@ -53,6 +54,7 @@ class ModelConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     attention_impl: str = ""
+    attention_max_segments: int = 32
     scan_layers: bool = True
     remat_policy: str = "none"
 
@@ -108,6 +110,25 @@ def attention_mask(segment_ids_BxL: jnp.ndarray) -> jnp.ndarray:
     seg = segment_ids_BxL
     same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] > 0)
     return same[:, None, :, :]
+
+
+ATTENTION_IMPLS = ("", "xla", "cudnn", "cudnn_packed")
+
+
+def resolve_attention(cfg: ModelConfig) -> str:
+    """The attention kernel a model runs: `cfg.attention_impl` when set, else by device and dtype:
+    'cpu_ops' (16-bit on a CPU, mlm_vs_clm/cpu_ops.py), 'cudnn_packed' (16-bit on a Hopper or
+    newer NVIDIA GPU, mlm_vs_clm/gpu_ops.py), 'cudnn' (16-bit on an older NVIDIA GPU), or
+    'default' (whatever `jax.nn.dot_product_attention` picks: XLA's)."""
+    if cfg.attention_impl:
+        return cfg.attention_impl
+    dtype = jnp.dtype(cfg.dtype)
+    if cpu_ops.wanted(dtype):
+        return "cpu_ops"
+    capability = gpu_ops.cuda_compute_capability()
+    if capability is not None and dtype.itemsize == 2:
+        return "cudnn_packed" if capability >= (9, 0) else "cudnn" if capability >= (8, 0) else "default"
+    return "default"
 
 
 class RMSNorm(nn.Module):
@@ -168,7 +189,7 @@ class Block(nn.Module):
     mask_mode: str
 
     @nn.compact
-    def __call__(self, x_BxLxD, mask_Bx1xLxL, cos_BxLxH, sin_BxLxH):
+    def __call__(self, x_BxLxD, mask_Bx1xLxL, packed, cos_BxLxH, sin_BxLxH):
         cfg = self.cfg
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -182,22 +203,26 @@ class Block(nn.Module):
         )
         q_BxLxNxH = apply_rope(q_BxLxNxH, cos_BxLxH, sin_BxLxH)
         k_BxLxKxH = apply_rope(k_BxLxKxH, cos_BxLxH, sin_BxLxH)
-        if cpu_ops.wanted(dtype) and not cfg.attention_impl:
-            if self.mask_mode == "causal":
+        impl = resolve_attention(cfg)
+        causal = self.mask_mode == "causal"
+        if impl == "cpu_ops":
+            if causal:
                 L = mask_Bx1xLxL.shape[-1]
                 mask_Bx1xLxL = mask_Bx1xLxL & jnp.tril(jnp.ones((L, L), bool))
             groups = N // K  # grouped queries: kv head n // groups serves query head n
             o_BxLxNxH = cpu_ops.attention(
                 q_BxLxNxH, jnp.repeat(k_BxLxKxH, groups, axis=2), jnp.repeat(v_BxLxKxH, groups, axis=2), mask_Bx1xLxL
             )
+        elif impl == "cudnn_packed":
+            o_BxLxNxH = gpu_ops.attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask_Bx1xLxL, packed, causal)
         else:
             o_BxLxNxH = jax.nn.dot_product_attention(
                 q_BxLxNxH,
                 k_BxLxKxH,
                 v_BxLxKxH,
                 mask=mask_Bx1xLxL,
-                is_causal=self.mask_mode == "causal",
-                implementation=cfg.attention_impl or None,
+                is_causal=causal,
+                implementation=None if impl == "default" else impl,
             )
         o_BxLxNxH = nn.with_logical_constraint(
             o_BxLxNxH, ("activation_batch", "activation_length", "activation_heads", None)
@@ -215,6 +240,36 @@ class Block(nn.Module):
         x_BxLxD = x_BxLxD + mlp_BxLxD
         x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("activation_batch", "activation_length", "activation_embed"))
         return x_BxLxD, None
+
+
+# Embedding gradients of a 16-bit model are summed in f32 (`embedding_lookup`); False restores
+# autodiff's 16-bit scatter-add (tools/perf/gpu_attention.py times both).
+EMBED_GRAD_F32 = True
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def embedding_lookup(table_VxD, tokens_BxL, accumulate_dtype=jnp.float32):
+    """`jnp.take(table, tokens, axis=0)` whose backward pass sums the rows' gradients in
+    `accumulate_dtype`. A GPU adds 16-bit values into memory with a compare-and-swap loop, which
+    collapses when many positions share a token: MLM replaces 40 % of them with the mask token, and
+    the bf16 scatter-add then took 80 ms of a 300 ms `210m` step on an H100 (docs/performance.md).
+    f32 additions are native atomics; the gradient is rounded to the table's dtype once."""
+    return jnp.take(table_VxD, tokens_BxL, axis=0)
+
+
+def _embedding_lookup_fwd(table_VxD, tokens_BxL, accumulate_dtype):
+    # An empty [V, 0] array carries the table's vocabulary size and dtype into the backward pass.
+    return jnp.take(table_VxD, tokens_BxL, axis=0), (jnp.zeros((table_VxD.shape[0], 0), table_VxD.dtype), tokens_BxL)
+
+
+def _embedding_lookup_bwd(accumulate_dtype, res, g_BxLxD):
+    carrier_Vx0, tokens_BxL = res
+    d_VxD = jnp.zeros((carrier_Vx0.shape[0], g_BxLxD.shape[-1]), accumulate_dtype)
+    d_VxD = d_VxD.at[tokens_BxL].add(g_BxLxD.astype(accumulate_dtype), mode="drop")
+    return d_VxD.astype(carrier_Vx0.dtype), None
+
+
+embedding_lookup.defvjp(_embedding_lookup_fwd, _embedding_lookup_bwd)
 
 
 class Embed(nn.Module):
@@ -238,6 +293,8 @@ class Embed(nn.Module):
             jnp.dtype(cfg.param_dtype),
         )
         table_VxD = nn.with_logical_constraint(table_VxD.astype(jnp.dtype(cfg.dtype)), ("vocab", None))
+        if EMBED_GRAD_F32 and table_VxD.dtype.itemsize < 4:
+            return embedding_lookup(table_VxD, tokens_BxL)
         return jnp.take(table_VxD, tokens_BxL, axis=0)
 
 
@@ -254,6 +311,9 @@ class Encoder(nn.Module):
         x_BxLxD = Embed(cfg, name="embed")(tokens_BxL)
         x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("activation_batch", "activation_length", "activation_embed"))
         mask_Bx1xLxL = attention_mask(segment_ids_BxL)
+        packed = None
+        if resolve_attention(cfg) == "cudnn_packed":
+            packed = gpu_ops.packed_segments(segment_ids_BxL, cfg.attention_max_segments)
         cos_BxLxH, sin_BxLxH = rope_tables(positions_BxL, cfg)
 
         block = Block
@@ -264,14 +324,16 @@ class Encoder(nn.Module):
                 block,
                 variable_axes={"params": 0},
                 split_rngs={"params": True},
-                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                 length=cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(cfg, mask_mode, name="layers")
-            x_BxLxD, _ = stack(x_BxLxD, mask_Bx1xLxL, cos_BxLxH, sin_BxLxH)
+            x_BxLxD, _ = stack(x_BxLxD, mask_Bx1xLxL, packed, cos_BxLxH, sin_BxLxH)
         else:
             for i in range(cfg.num_layers):
-                x_BxLxD, _ = block(cfg, mask_mode, name=f"layers_{i}")(x_BxLxD, mask_Bx1xLxL, cos_BxLxH, sin_BxLxH)
+                x_BxLxD, _ = block(cfg, mask_mode, name=f"layers_{i}")(
+                    x_BxLxD, mask_Bx1xLxL, packed, cos_BxLxH, sin_BxLxH
+                )
         return RMSNorm(cfg.norm_eps, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype), name="final_norm")(x_BxLxD)
 
 

@@ -235,7 +235,8 @@ def test_perf_scripts_compile_and_document_their_command():
     # compile and say how it is run (the full runs take minutes; they are not repeated here).
     folder = os.path.join(REPO, "tools", "perf")
     scripts = sorted(f for f in os.listdir(folder) if f.endswith(".py"))
-    assert scripts == ["cpu_ops_ab.py", "loss_ab.py", "matmul_rates.py", "parts.py", "profile_step.py"]
+    assert scripts == ["cpu_ops_ab.py", "gpu_attention.py", "loss_ab.py", "matmul_rates.py", "parts.py",
+                       "profile_step.py"]
     docs = pathlib.Path(REPO, "docs", "performance.md").read_text()
     for name in scripts:
         source = pathlib.Path(folder, name).read_text()
@@ -302,3 +303,31 @@ def test_bf16_step_on_cpu_runs_every_matmul_in_bf16():
     assert len([t for t in dots if t[0].count(",") == 1]) >= 7 * 3 + 3
     assert len([t for t in dots if t[0].count(",") == 3]) >= 6
     assert all(a.startswith("bf16[") and b.startswith("bf16[") for a, b in dots), dots
+
+
+def test_gpu_attention_script_flow_on_a_cpu(tmp_path):
+    # The GPU figures come from tools/perf/gpu_attention.py; here its flow runs on the tiny preset
+    # (XLA attention, both embedding-gradient variants, a profile): a JSON per variant and a table.
+    script = os.path.join(REPO, "tools", "perf", "gpu_attention.py")
+    out = subprocess.run(
+        [sys.executable, script, "--preset=tiny", "--batch=8", "--variants=xla:none,xla:none+bf16_embed_grad",
+         "--skip_check", "--steps=1", "--warmup=0", "--profile=mlm40", f"--out={tmp_path}"],
+        capture_output=True, text=True, timeout=600, cwd=REPO,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "hlo_mlm40.txt.gz", "summary.md", "xla_none.json", "xla_none_bf16_embed_grad.json"]
+    rows = [ln for ln in (tmp_path / "summary.md").read_text().splitlines() if ln.startswith("| xla:none")]
+    assert len(rows) == 4
+    r = json.loads((tmp_path / "xla_none.json").read_text())
+    assert r["attention_kernel"] == "xla" and 0 < r["mlm40"]["mfu_in_segments"] <= r["mlm40"]["mfu"]
+
+
+def test_keys_in_segments_counts_pairs_inside_each_segment():
+    from mlm_vs_clm import flops
+
+    seg = np.array([[1, 1, 2, 2, 2, 0]])
+    assert flops.keys_in_segments(seg, causal=False) == pytest.approx((4 + 9) / 6)
+    assert flops.keys_in_segments(seg, causal=True) == pytest.approx((3 + 6) / 6)
+    one = np.ones((2, 8), np.int32)  # one segment per row: the convention's counts
+    assert flops.keys_in_segments(one, causal=False) == 8 and flops.keys_in_segments(one, causal=True) == 4.5

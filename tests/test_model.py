@@ -1,3 +1,4 @@
+import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -247,3 +248,29 @@ def test_rope_rotation_as_a_product_matches_the_halves():
     expected = apply_rope(x, cos, sin)  # f32: the halves
     got = apply_rope(xb, cos, sin)  # bf16 on a CPU: the product
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(expected), atol=3e-2, rtol=3e-2)
+
+
+def test_embedding_gradient_sums_in_f32():
+    """A bf16 table's gradient is summed in f32 (one rounding), also for a token that fills most
+    positions (the mask token of MLM): equal to the f32 sum of the bf16 cotangents, rounded once."""
+    from mlm_vs_clm import model
+
+    table = jax.random.normal(jax.random.PRNGKey(0), (50, 8)).astype(jnp.bfloat16)
+    tokens = jnp.asarray(np.where(np.random.RandomState(0).rand(4, 64) < 0.6, 4,
+                                  np.random.RandomState(1).randint(0, 50, (4, 64))), jnp.int32)
+    g = jax.random.normal(jax.random.PRNGKey(1), (4, 64, 8))
+    ours = jax.grad(lambda t: (model.embedding_lookup(t, tokens).astype(jnp.float32) * g).sum())(table)
+    g16 = g.astype(jnp.bfloat16).astype(jnp.float32)  # the cotangent reaches the lookup in bf16
+    exact = jax.grad(lambda t: (jnp.take(t, tokens, axis=0) * g16).sum())(table.astype(jnp.float32))
+    assert ours.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(ours, np.float32), np.asarray(exact.astype(jnp.bfloat16), np.float32))
+    np.testing.assert_array_equal(model.embedding_lookup(table, tokens), jnp.take(table, tokens, axis=0))
+    # the bf16 model takes it: its gradient's scatter-add runs in f32
+    cfg = ModelConfig.from_config(tiny_config().model)
+    cfg = dataclasses.replace(cfg, dtype="bfloat16")
+    params = nn.meta.unbox(init_params(cfg, jax.random.PRNGKey(0)))
+    b = packed_batch(batch=2, segments=(32,), pad_tail=False)
+    loss = lambda p: LanguageModel(cfg).apply({"params": p}, b["tokens"], b["segment_ids"], b["positions"],
+                                              "causal").astype(jnp.float32).sum()
+    scatters = [e for e in jax.make_jaxpr(jax.grad(loss))(params).jaxpr.eqns if e.primitive.name == "scatter-add"]
+    assert scatters and all(e.outvars[0].aval.dtype == jnp.float32 for e in scatters)
