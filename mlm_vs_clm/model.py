@@ -242,9 +242,10 @@ class Block(nn.Module):
         return x_BxLxD, None
 
 
-# Embedding gradients of a 16-bit model are summed in f32 (`embedding_lookup`); False restores
-# autodiff's 16-bit scatter-add (tools/perf/gpu_attention.py times both).
-EMBED_GRAD_F32 = True
+# Embedding gradients of a 16-bit model summed in f32 (`embedding_lookup`): None = on GPUs and
+# TPUs, True / False = everywhere / nowhere (tools/perf/gpu_attention.py times both). CPUs keep
+# autodiff's 16-bit scatter-add: there, the f32 one measured 4-6 % slower steps (docs/performance.md).
+EMBED_GRAD_F32: bool | None = None
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -293,7 +294,8 @@ class Embed(nn.Module):
             jnp.dtype(cfg.param_dtype),
         )
         table_VxD = nn.with_logical_constraint(table_VxD.astype(jnp.dtype(cfg.dtype)), ("vocab", None))
-        if EMBED_GRAD_F32 and table_VxD.dtype.itemsize < 4:
+        f32_grad = EMBED_GRAD_F32 if EMBED_GRAD_F32 is not None else jax.default_backend() != "cpu"
+        if f32_grad and table_VxD.dtype.itemsize < 4:
             return embedding_lookup(table_VxD, tokens_BxL)
         return jnp.take(table_VxD, tokens_BxL, axis=0)
 

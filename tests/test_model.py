@@ -250,7 +250,7 @@ def test_rope_rotation_as_a_product_matches_the_halves():
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(expected), atol=3e-2, rtol=3e-2)
 
 
-def test_embedding_gradient_sums_in_f32():
+def test_embedding_gradient_sums_in_f32(monkeypatch):
     """A bf16 table's gradient is summed in f32 (one rounding), also for a token that fills most
     positions (the mask token of MLM): equal to the f32 sum of the bf16 cotangents, rounded once."""
     from mlm_vs_clm import model
@@ -265,7 +265,8 @@ def test_embedding_gradient_sums_in_f32():
     assert ours.dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(ours, np.float32), np.asarray(exact.astype(jnp.bfloat16), np.float32))
     np.testing.assert_array_equal(model.embedding_lookup(table, tokens), jnp.take(table, tokens, axis=0))
-    # the bf16 model takes it: its gradient's scatter-add runs in f32
+    # the bf16 model takes it (by default off CPUs; forced here): its scatter-add runs in f32
+    monkeypatch.setattr(model, "EMBED_GRAD_F32", True)
     cfg = ModelConfig.from_config(tiny_config().model)
     cfg = dataclasses.replace(cfg, dtype="bfloat16")
     params = nn.meta.unbox(init_params(cfg, jax.random.PRNGKey(0)))

@@ -7,8 +7,9 @@
    bound) against XLA's attention in f32 with the dense mask: output and q/k/v gradients,
    causal and bidirectional, grouped queries, padded rows.
 2. Benchmarks the preset (default `210m`, sequence 2,048, bf16) for each variant
-   `IMPL:REMAT[:BATCH][+bf16_embed_grad]` through `mlm_vs_clm.bench.run` (CLM and MLM-40; the
-   suffix turns `model.EMBED_GRAD_F32` off, autodiff's bf16 scatter-add), writing each result to
+   `IMPL:REMAT[:BATCH][+bf16_embed_grad|+f32_embed_grad]` through `mlm_vs_clm.bench.run` (CLM
+   and MLM-40; a suffix sets `model.EMBED_GRAD_F32`: autodiff's 16-bit scatter-add, or f32 sums
+   also on a CPU), writing each result to
    DIR/VARIANT.json as soon as it is done and a table at the end. Variants start only while
    `--budget_s` seconds have not passed, so a lease-limited run returns what it finished.
 3. `--profile=clm,mlm40`: traces 3 steps of each objective (preset defaults, `--batch`) with
@@ -170,9 +171,10 @@ def main():
             print(f"skipped {variant}: budget of {args.budget_s:.0f} s spent", flush=True)
             continue
         spec, _, flag = variant.partition("+")
-        if flag not in ("", "bf16_embed_grad"):
+        if flag not in ("", "bf16_embed_grad", "f32_embed_grad"):
             raise SystemExit(f"unknown variant flag {flag!r} in {variant!r}")
-        model_lib.EMBED_GRAD_F32 = flag != "bf16_embed_grad"
+        # None: the default (f32 sums off CPUs)
+        model_lib.EMBED_GRAD_F32 = {"": None, "bf16_embed_grad": False, "f32_embed_grad": True}[flag]
         impl, remat, *rest = spec.split(":")
         config = pretrain.get_config(args.preset)
         config.model.attention_impl = "" if impl == "auto" else impl
@@ -198,7 +200,7 @@ def main():
         print(rows[-2] + "\n" + rows[-1], flush=True)
         peak = result["peak_flops_per_second"] / 1e12
         lines.append(f"{variant}: peak {peak:.0f} TFLOP/s on {result['device']}, kernel {result['attention_kernel']}")
-    model_lib.EMBED_GRAD_F32 = True
+    model_lib.EMBED_GRAD_F32 = None
     for objective_name in [o for o in args.profile.split(",") if o]:
         config = pretrain.get_config(args.preset)
         config.train.batch_size = args.batch
