@@ -14,8 +14,9 @@ calls.
 The layout needs a static bound on the segments per row (`model.attention_max_segments`). A
 batch with a row over the bound, or with a segment id in two separate runs, takes the dense
 mask path instead (one `lax.cond` per layer), so the function computed never changes.
-`docs/performance.md` ("On a GPU") has what it bought; tests/test_model.py checks the glue
-against the dense mask.
+`docs/performance.md` ("On a GPU") has what it bought and what it costs (more temporary memory:
+cuDNN keeps softmax statistics for all B*M segment slots); tests/test_gpu_ops.py checks the glue
+against the dense mask, tools/perf/gpu_attention.py the kernel on a GPU.
 """
 
 from __future__ import annotations
@@ -45,20 +46,25 @@ jax.tree_util.register_dataclass(
 
 
 def cuda_compute_capability() -> tuple[int, int] | None:
-    """(major, minor) of the first device when the backend is an NVIDIA GPU, else None."""
+    """(major, minor) of the first device when the backend is an NVIDIA GPU, else None (a CPU, a
+    TPU, or a GPU whose capability is not CUDA's `major.minor`, as ROCm's `gfx90a`)."""
     if jax.default_backend() != "gpu":
         return None
-    capability = getattr(jax.devices()[0], "compute_capability", None)
-    if not capability:
+    capability = str(getattr(jax.devices()[0], "compute_capability", "") or "")
+    try:
+        major, minor = (int(x) for x in capability.split(".")[:2])
+    except ValueError:
         return None
-    major, minor = (int(x) for x in str(capability).split(".")[:2])
     return major, minor
 
 
 def packed_segments(segment_ids_BxL: jax.Array, max_segments: int) -> PackedSegments:
     """The lengths and start offsets of segments 1..M of every row, in the shapes cuDNN's packed
     layout takes ([B, M] and [B, M + 1], -1 for an absent segment), and whether they describe
-    the batch exactly: every id in 1..M, each segment one contiguous run."""
+    the batch exactly: every id in 1..M, each segment one contiguous run. M >= 2: jax reads a
+    single segment slot as the unpacked layout (every row starting at position 0)."""
+    if max_segments < 2:
+        raise ValueError(f"attention_max_segments must be >= 2, got {max_segments}")
     seg_BxL = segment_ids_BxL.astype(jnp.int32)
     B, L = seg_BxL.shape
     ids_M = jnp.arange(1, max_segments + 1, dtype=jnp.int32)

@@ -28,8 +28,8 @@ def validate(config, num_devices: int) -> None:
     _require(m.dtype in ("float32", "bfloat16", "float16"), "model.dtype", f"unsupported dtype {m.dtype!r}")
     _require(m.attention_impl in ATTENTION_IMPLS, "model.attention_impl",
              f"unknown implementation {m.attention_impl!r} (one of {', '.join(map(repr, ATTENTION_IMPLS))})")
-    _require(int(m.get("attention_max_segments", 1)) >= 1, "model.attention_max_segments",
-             f"must be >= 1, got {m.get('attention_max_segments')}")
+    _require(int(m.get("attention_max_segments", 2)) >= 2, "model.attention_max_segments",
+             f"must be >= 2 (cuDNN reads a bound of 1 as unpacked rows), got {m.get('attention_max_segments')}")
     _require(0.0 < config.mlm.mask_ratio < 1.0, "mlm.mask_ratio", f"must be in (0, 1), got {config.mlm.mask_ratio}")
     _require(config.mlm.replacement in ("mask", "80_10_10"), "mlm.replacement",
              f"unknown policy {config.mlm.replacement!r} ('mask' or '80_10_10')")

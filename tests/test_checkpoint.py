@@ -224,6 +224,8 @@ def test_non_finite_steps_are_skipped_then_stop(corpus, tmp_path, monkeypatch):
     ("objective", "clm+mlm40@500", "not before the end"),
     ("objective", "bogus", "objective"),
     ("init_from", "/nonexistent/run", "init_from"),
+    ("model.attention_impl", "flash", "model.attention_impl"),
+    ("model.attention_max_segments", 1, "model.attention_max_segments"),
 ])
 def test_invalid_configs_are_named(key, value, message):
     config = load_config("configs/pretrain.py:tiny", {key: value, "train.batch_size": 8} if key != "train.batch_size"

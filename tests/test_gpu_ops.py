@@ -37,6 +37,11 @@ def test_packed_segments_match_numpy():
     np.testing.assert_array_equal(p.valid_BxL, seg > 0)
 
 
+def test_packed_segments_need_two_slots():
+    with pytest.raises(ValueError, match="attention_max_segments must be >= 2"):
+        gpu_ops.packed_segments(jnp.ones((1, 8), jnp.int32), 1)
+
+
 def test_packed_segments_fit_only_what_they_describe():
     seg = _segments()
     assert seg.max() > 2
@@ -157,15 +162,16 @@ def test_model_with_packed_attention_matches_xla(stand_in):
 
 
 def test_resolve_attention_by_device_and_dtype(monkeypatch):
-    def resolve(dtype, impl="", capability=None):
+    def resolve(dtype, impl="", capability=None, cpu=False):
         monkeypatch.setattr(gpu_ops, "cuda_compute_capability", lambda: capability)
+        monkeypatch.setattr(model.cpu_ops, "wanted", lambda d: cpu and jnp.dtype(d).itemsize == 2)
         return model.resolve_attention(model.ModelConfig(8, 8, 1, 1, 1, 8, dtype=dtype, attention_impl=impl))
 
     assert resolve("float32") == "default"
-    assert resolve("bfloat16") == ("cpu_ops" if jax.default_backend() == "cpu" else "default")
+    assert resolve("bfloat16", cpu=True) == "cpu_ops"
+    assert resolve("float32", cpu=True) == "default"
     assert resolve("float32", "cudnn_packed") == "cudnn_packed"
-    if jax.default_backend() == "cpu":
-        return  # cpu_ops wins on a CPU before any GPU rule
+    assert resolve("bfloat16", "xla", capability=(9, 0)) == "xla"
     assert resolve("bfloat16", capability=(9, 0)) == "cudnn_packed"
     assert resolve("bfloat16", capability=(8, 0)) == "cudnn"
     assert resolve("bfloat16", capability=(7, 5)) == "default"

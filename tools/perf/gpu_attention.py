@@ -67,9 +67,12 @@ def check_attention() -> list[str]:
             (_, o_ref), grads_ref = ref
             errs = [rel(o * valid, o_ref)] + [rel(g, gr) for g, gr in zip(grads, grads_ref)]
             finite = all(bool(jnp.all(jnp.isfinite(t))) for t in (o, *grads))
+            pad = float(jnp.max(jnp.abs(jnp.where(valid, 0, o))))
+            # bf16 inputs against an f32 reference: errors of a few 1e-3 are rounding.
+            ok = finite and pad == 0.0 and max(errs) < 2e-2
             lines.append(f"check causal={causal} max_segments={max_segments} packed={bool(packed.fits)}: rel err "
                          f"o {errs[0]:.2e} dq {errs[1]:.2e} dk {errs[2]:.2e} dv {errs[3]:.2e} finite={finite} "
-                         f"pad o max {float(jnp.max(jnp.abs(jnp.where(valid, 0, o)))):.1e}")
+                         f"pad o max {pad:.1e}: {'ok' if ok else 'FAIL'}")
             print(lines[-1], flush=True)
     return lines
 
@@ -193,10 +196,12 @@ def main():
         print(f"{variant} done in {time.perf_counter() - t0:.0f} s", flush=True)
         for obj in ("clm", "mlm40"):
             r = result[obj]
-            peak_gib = r["memory"].get("device_peak_bytes_in_use", 0) / 2**30
+            # the compiled step's own temporary memory (the device's peak in use is the process's,
+            # carried over from the variants before)
+            temp_gib = r["memory"]["temp_bytes"] / 2**30
             rows.append(f"| {variant} | {obj} | {config.train.batch_size} | {r['compile_seconds']:.0f} | "
                         f"{r['step_seconds']:.4f} | {r['tokens_per_second']:,.0f} | {100 * r['mfu']:.1f} % | "
-                        f"{100 * r['mfu_in_segments']:.1f} % | {peak_gib:.1f} |")
+                        f"{100 * r['mfu_in_segments']:.1f} % | {temp_gib:.1f} |")
         print(rows[-2] + "\n" + rows[-1], flush=True)
         peak = result["peak_flops_per_second"] / 1e12
         lines.append(f"{variant}: peak {peak:.0f} TFLOP/s on {result['device']}, kernel {result['attention_kernel']}")
@@ -209,12 +214,14 @@ def main():
             lines += profile(config, objective_name, args.out)
         except Exception as e:  # noqa: BLE001 - a report, not a failure
             print(f"profile {objective_name}: {type(e).__name__}: {str(e).splitlines()[0][:300]}", flush=True)
-    head = ("| variant | objective | batch | compile s | step s | tokens/s | MFU | MFU in segments | device peak GiB |\n"
+    head = ("| variant | objective | batch | compile s | step s | tokens/s | MFU | MFU in segments | XLA temp GiB |\n"
             "|---|---|---|---|---|---|---|---|---|")
     summary = "\n".join([*lines, "", head, *rows])
     with open(os.path.join(args.out, "summary.md"), "w") as fh:
         fh.write(summary + "\n")
     print("\n" + summary, flush=True)
+    if any(line.endswith(": FAIL") for line in lines):
+        sys.exit("the packed attention check failed (see the check lines)")
 
 
 if __name__ == "__main__":
