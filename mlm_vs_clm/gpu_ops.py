@@ -58,6 +58,16 @@ def cuda_compute_capability() -> tuple[int, int] | None:
     return major, minor
 
 
+def packed_layout_available() -> bool:
+    """Whether this jax has the cuDNN module with the packed layout (a private module: a jax
+    without it makes `model.resolve_attention` pick the dense-mask cuDNN path instead)."""
+    try:
+        from jax._src.cudnn import fused_attention_stablehlo as cudnn
+    except ImportError:
+        return False
+    return hasattr(cudnn, "dot_product_attention") and hasattr(cudnn.MaskType, "PADDING_CAUSAL")
+
+
 def packed_segments(segment_ids_BxL: jax.Array, max_segments: int) -> PackedSegments:
     """The lengths and start offsets of segments 1..M of every row, in the shapes cuDNN's packed
     layout takes ([B, M] and [B, M + 1], -1 for an absent segment), and whether they describe

@@ -118,7 +118,8 @@ ATTENTION_IMPLS = ("", "xla", "cudnn", "cudnn_packed")
 def resolve_attention(cfg: ModelConfig) -> str:
     """The attention kernel a model runs: `cfg.attention_impl` when set, else by device and dtype:
     'cpu_ops' (16-bit on a CPU, mlm_vs_clm/cpu_ops.py), 'cudnn_packed' (16-bit on a Hopper or
-    newer NVIDIA GPU, mlm_vs_clm/gpu_ops.py), 'cudnn' (16-bit on an older NVIDIA GPU), or
+    newer NVIDIA GPU, mlm_vs_clm/gpu_ops.py), 'cudnn' (16-bit on an Ampere GPU, or on Hopper with
+    a jax that lacks the packed layout), or
     'default' (whatever `jax.nn.dot_product_attention` picks: XLA's)."""
     if cfg.attention_impl:
         return cfg.attention_impl
@@ -127,7 +128,9 @@ def resolve_attention(cfg: ModelConfig) -> str:
         return "cpu_ops"
     capability = gpu_ops.cuda_compute_capability()
     if capability is not None and dtype.itemsize == 2:
-        return "cudnn_packed" if capability >= (9, 0) else "cudnn" if capability >= (8, 0) else "default"
+        if capability >= (9, 0) and gpu_ops.packed_layout_available():
+            return "cudnn_packed"
+        return "cudnn" if capability >= (8, 0) else "default"
     return "default"
 
 

@@ -173,6 +173,31 @@ def test_resolve_attention_by_device_and_dtype(monkeypatch):
     assert resolve("float32", "cudnn_packed") == "cudnn_packed"
     assert resolve("bfloat16", "xla", capability=(9, 0)) == "xla"
     assert resolve("bfloat16", capability=(9, 0)) == "cudnn_packed"
+    monkeypatch.setattr(gpu_ops, "packed_layout_available", lambda: False)
+    assert resolve("bfloat16", capability=(9, 0)) == "cudnn"  # a jax without the packed layout
+    monkeypatch.undo()
     assert resolve("bfloat16", capability=(8, 0)) == "cudnn"
     assert resolve("bfloat16", capability=(7, 5)) == "default"
     assert resolve("float32", capability=(9, 0)) == "default"
+
+
+def test_sharded_train_steps_with_packed_attention_match_xla(stand_in):
+    """Train steps on a 2x2x2 (data, fsdp, tensor) mesh: the packed path's glue (segments from
+    batch-sharded ids, the per-layer cond) gives XLA attention's losses, CLM and MLM."""
+    from mlm_vs_clm import sharding, step, train_state
+    from mlm_vs_clm.schedules import Objective
+    from tests.helpers import packed_batch
+
+    batch = packed_batch(segments=(12, 8, 6))
+    losses = {}
+    for impl in ("xla", "cudnn_packed"):
+        c = tiny_config(**{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2, "model.attention_impl": impl,
+                           "model.attention_max_segments": 4})
+        setup = train_state.build(c, sharding.make_mesh(c.mesh, jax.devices()[:8]))
+        state = train_state.init_state(setup, c.seed)
+        losses[impl] = []
+        for obj in (Objective("clm"), Objective("mlm", 0.4), Objective("clm")):
+            state, metrics = step.compiled_train_step(setup, obj)(state, batch)
+            losses[impl].append(float(metrics["loss"]))
+    assert all(np.isfinite(losses["cudnn_packed"]))
+    np.testing.assert_allclose(losses["cudnn_packed"], losses["xla"], rtol=1e-5)
