@@ -324,6 +324,11 @@ def table(result: dict) -> str:
             lo, hi = result[name]["ours_clm_over_peer_rounds_p25_p75"]
             notes.append(f"ours/{label.replace('peer clm ', 'peer ')} CLM tokens/s = "
                          f"{result[name]['ours_clm_over_peer']:.2f}x (round by round p25-p75 {lo:.2f}-{hi:.2f})")
+    in_segments = [f"{name} {100 * r['mfu_in_segments']:.1f} %" for name, r in result.items()
+                   if isinstance(r, dict) and "mfu_in_segments" in r]
+    if in_segments:
+        notes.append(f"attention {result.get('attention_kernel', '?')}; MFU counting attention inside segments only: "
+                     + ", ".join(in_segments))
     for name, r in result.items():
         if isinstance(r, dict) and "step_seconds_over_clm" in r:
             notes.append(f"{name} step / clm step = {r['step_seconds_over_clm']:.2f}")

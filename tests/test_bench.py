@@ -40,6 +40,12 @@ def test_cli_writes_the_json_contract(tmp_path):
         assert r["tokens_per_second"] == pytest.approx(4 * 128 / r["step_seconds"])
         assert np.isfinite(r["final_loss"])
         assert r["memory"]["temp_bytes"] > 0 and not r["memory"]["materialises_full_logits"]
+        # attention counted only inside segments: fewer keys than the whole-row convention
+        assert 0 < r["attention_keys_per_query_in_segments"] < (128 if name == "mlm40" else 64.5)
+        assert r["mfu_in_segments"] == pytest.approx(
+            r["mfu"] * r["model_flops_per_token_in_segments"] / r["model_flops_per_token"])
+    assert result["attention_kernel"] == "default" and result["remat_policy"] == "none"
+    assert "MFU counting attention inside segments only: clm " in proc.stdout
     assert result["peer"]["tokens_per_second"] > 0
     assert result["peer"]["ours_clm_over_peer"] == pytest.approx(
         result["clm"]["tokens_per_second"] / result["peer"]["tokens_per_second"])
