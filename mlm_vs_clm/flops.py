@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 from mlm_vs_clm.objectives import max_selected
 
 
@@ -60,8 +62,6 @@ def keys_in_segments(segment_ids_BxL, causal: bool) -> float:
     """Keys per query (averaged over all B*L positions, padding included) that lie inside the
     query's own segment of a packed batch: the attention a kernel that skips every block
     between segments computes (cuDNN's packed layout, mlm_vs_clm/gpu_ops.py)."""
-    import numpy as np
-
     seg = np.asarray(segment_ids_BxL)
     pairs = 0.0
     for row in seg:
