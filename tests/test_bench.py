@@ -242,7 +242,7 @@ def test_perf_scripts_compile_and_document_their_command():
     folder = os.path.join(REPO, "tools", "perf")
     scripts = sorted(f for f in os.listdir(folder) if f.endswith(".py"))
     assert scripts == ["cpu_ops_ab.py", "gpu_attention.py", "loss_ab.py", "matmul_rates.py", "parts.py",
-                       "profile_step.py"]
+                       "profile_step.py", "step_ab.py", "step_bound.py"]
     docs = pathlib.Path(REPO, "docs", "performance.md").read_text()
     for name in scripts:
         source = pathlib.Path(folder, name).read_text()
@@ -337,3 +337,62 @@ def test_keys_in_segments_counts_pairs_inside_each_segment():
     assert flops.keys_in_segments(seg, causal=True) == pytest.approx((3 + 6) / 6)
     one = np.ones((2, 8), np.int32)  # one segment per row: the convention's counts
     assert flops.keys_in_segments(one, causal=False) == 8 and flops.keys_in_segments(one, causal=True) == 4.5
+
+
+def _perf_tool(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "tools", "perf", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_step_bound_reads_every_product_of_the_step(dtype):
+    # tools/perf/step_bound.py times the step's products alone; the products it reads out of the
+    # optimised HLO, each counted once per trip of the loops around it (layers scanned, loss
+    # chunks), must add up to the model's analytic FLOPs (bf16 adds RoPE's small rotation
+    # products, mlm_vs_clm/cpu_ops.py).
+    step_bound = _perf_tool("step_bound")
+    c = load_config("configs/pretrain.py:tiny")
+    c.model.dtype = dtype
+    mesh = sharding.make_mesh(c.mesh, jax.devices()[:1])  # one CPU device, as the tool runs
+    setup = train_state.build(c, mesh)
+    B, L = 4, 64
+    batch = jax.device_put(bench.synthetic_batch(B, L, c.model.vocab_size), step_lib.batch_shardings(mesh))
+    for name, chunks in (("clm", 2), ("mlm40", 1)):  # loss chunks of 32: 64 positions, 26 masked
+        obj = schedules._objective(name, 0.4)
+        state = train_state.init_state(setup, c.seed)
+        hlo = step_lib.compiled_train_step(setup, obj).lower(state, batch).compile().as_text()
+        products = step_bound.step_products(hlo)
+        model = flops.train_flops_per_token(setup.model.cfg, L, obj.kind, obj.mask_ratio, True).per_token * B * L
+        ratio = sum(p["flops"] * p["count"] for p in products) / model
+        assert 1.0 <= ratio < 1.04, (name, ratio)
+        assert not any(p["unknown_trip_count"] for p in products)
+        head = [p for p in products if p["out"][1] == (B * 32 if name == "clm" else B * 26, c.model.vocab_size)]
+        assert head and {p["count"] for p in head} == {chunks}, head
+        assert c.model.num_layers in {p["count"] for p in products}  # the scanned layers' products
+
+    product = products[0]
+    result = step_bound.product_runner(product)()
+    assert result.shape == product["out"][1] and str(result.dtype) == {"f32": "float32", "bf16": "bfloat16"}[
+        product["out"][0]]
+
+
+def test_step_ab_imports_an_older_revision_next_to_the_working_tree():
+    # tools/perf/step_ab.py runs a git revision's package in the same process as ours.
+    if subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True).returncode != 0:
+        pytest.skip("not a git checkout")
+    step_ab = _perf_tool("step_ab")
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        old = step_ab.import_revision("HEAD")
+    finally:
+        os.chdir(cwd)
+    import mlm_vs_clm
+
+    assert old.__name__ == step_ab.OLD and old.__file__ != mlm_vs_clm.__file__
+    old_config = importlib.import_module(f"{step_ab.OLD}.config")
+    assert old_config.__name__ == f"{step_ab.OLD}.config"  # its imports point at the old package
+    assert dict(old_config.load_config(os.path.join(REPO, "configs/pretrain.py:tiny")).model) == dict(
+        load_config("configs/pretrain.py:tiny").model)
