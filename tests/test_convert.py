@@ -278,9 +278,12 @@ def test_cli_import_then_export(tmp_path, capsys):
     # what a run started with that flag alone takes from the checkpoint
     from mlm_vs_clm.config import load_config
     from mlm_vs_clm.train import adopt_architecture
+    from mlm_vs_clm.validate import validate
 
     cfg = load_config("configs/pretrain.py:tiny,mlm40")
     adopt_architecture(cfg, run)
+    validate(cfg, 1)
+    assert "imported_from" not in cfg  # the new run's export follows its own objective
     assert (cfg.model.num_kv_heads, cfg.model.vocab_size) == (2, hf.config.vocab_size)
     assert cfg.tokens.mask_id == model.config.tokens.mask_id and cfg.data.tokenizer == os.path.join(run, "tokenizer")
     tokens = _tokens(hf.config.vocab_size)
@@ -301,6 +304,73 @@ def test_cli_import_then_export(tmp_path, capsys):
     capsys.readouterr()
     assert convert_main(["export-hf", f"--checkpoint={run}", f"--out={out}"]) == 2
     assert "already holds an export" in capsys.readouterr().err
+
+
+def _import_then_export(tmp_path, hf_dir, name):
+    """import-hf, then export-hf with the default --mask_mode=auto: (run, out, exit status)."""
+    run, out = str(tmp_path / f"{name}_run"), str(tmp_path / f"{name}_out")
+    assert convert_main(["import-hf", f"--hf={hf_dir}", f"--out={run}"]) == 0
+    return run, out, convert_main(["export-hf", f"--checkpoint={run}", f"--out={out}"])
+
+
+def test_cli_round_trip_auto_keeps_source_attention(tmp_path):
+    """--mask_mode=auto on an import: no objective of ours trained it (the base config says
+    mlm40), so the export takes the source's attention and gives back its logits."""
+    from mlm_vs_clm.checkpoint import load_checkpoint
+
+    hf = _hf_llama(tmp_path / "hf", kv=2, tied=False)
+    run, out, rc = _import_then_export(tmp_path, tmp_path / "hf", "causal")
+    assert rc == 0
+    source = load_checkpoint(run).config.imported_from
+    assert (source.hf, source.architectures, source.mask_mode) == (str(tmp_path / "hf"), "LlamaForCausalLM", "causal")
+    back = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert type(back).__name__ == "LlamaForCausalLM"
+    tokens = torch.tensor(_tokens(hf.config.vocab_size), dtype=torch.long)
+    with torch.no_grad():
+        np.testing.assert_allclose(back(tokens).logits.numpy(), hf(tokens).logits.numpy(), atol=TOL, rtol=0)
+    # Our bidirectional export (is_causal=False) comes back bidirectional.
+    bidir = str(tmp_path / "bidir")
+    assert convert_main(["export-hf", f"--checkpoint={run}", f"--out={bidir}", "--mask_mode=bidirectional"]) == 0
+    _, again, rc = _import_then_export(tmp_path, bidir, "bidir")
+    assert rc == 0 and json.load(open(os.path.join(again, "config.json")))["is_causal"] is False
+    first, second = (transformers.AutoModelForMaskedLM.from_pretrained(d, trust_remote_code=True) for d in (bidir, again))
+    with torch.no_grad():
+        np.testing.assert_allclose(second(tokens).logits.numpy(), first(tokens).logits.numpy(), atol=TOL, rtol=0)
+
+
+def test_cli_auto_refuses_untrained_checkpoint_without_source(tmp_path, capsys):
+    """Step 0 with no recorded source attention (e.g. an import from before the record)."""
+    _hf_llama(tmp_path / "hf")
+    run = str(tmp_path / "run")
+    assert convert_main(["import-hf", f"--hf={tmp_path / 'hf'}", f"--out={run}"]) == 0
+    for path in (os.path.join(run, "checkpoints", "0", "config", "metadata"), os.path.join(run, "config.json")):
+        saved = json.load(open(path))
+        del saved["imported_from"]
+        json.dump(saved, open(path, "w"))
+    capsys.readouterr()
+    assert convert_main(["export-hf", f"--checkpoint={run}", f"--out={tmp_path / 'out'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--mask_mode=causal" in err
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_import_reads_source_attention():
+    cfg = ModelConfig(vocab_size=97, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_size=48)
+    for mode in ("causal", "bidirectional"):  # what our exports write
+        assert hf_import.source_mask_mode(hf_export.hf_config(cfg, TOKENS, mode)) == mode
+    assert hf_import.source_mask_mode({"architectures": ["LlamaForCausalLM"]}) == "causal"
+    # remote code that does not say: unknown, so --mask_mode=auto refuses
+    assert hf_import.source_mask_mode({"auto_map": {"AutoModel": "modeling.Encoder"}}) == ""
+
+
+def test_auto_mask_mode_of_trained_checkpoints():
+    from mlm_vs_clm.config import load_config
+
+    config = load_config("configs/pretrain.py:tiny,clm50_mlm40", {"train.steps": 10})
+    assert hf_export.auto_mask_mode(config, "run/checkpoints/5") == "causal"
+    assert hf_export.auto_mask_mode(config, "run/checkpoints/10") == "bidirectional"
+    with pytest.raises(ConversionError, match="step 0"):
+        hf_export.auto_mask_mode(config, "run/checkpoints/0")
 
 
 def test_cli_refuses_with_one_line(tmp_path, capsys):

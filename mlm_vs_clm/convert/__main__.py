@@ -32,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--checkpoint", required=True, help="run directory (newest step) or step directory")
     exp.add_argument("--out", required=True, help="output folder")
     exp.add_argument("--mask_mode", default="auto", choices=("auto", "causal", "bidirectional"),
-                     help="auto: the mask of the objective that trained the last step")
+                     help="auto: the mask of the objective that trained the last step (an import: its source's)")
     exp.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     exp.add_argument("--shard_size", default="5GB", type=parse_size, help="largest safetensors file")
     imp = sub.add_parser("import-hf", help="Hugging Face Llama folder -> our checkpoint")

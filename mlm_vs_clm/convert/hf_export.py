@@ -175,6 +175,23 @@ def trained_mask_mode(config, step: int) -> str:
     return schedule(max(step - 1, 0)).mask_mode
 
 
+def auto_mask_mode(config, step_dir: str) -> str:
+    """--mask_mode=auto: the mask of the objective that trained the last step; at step 0 (no
+    step of ours trained it: an import) the attention recorded from the source model."""
+    from mlm_vs_clm.convert import ConversionError
+
+    step = int(os.path.basename(os.path.normpath(step_dir)))
+    if step > 0:
+        return trained_mask_mode(config, step)
+    recorded = config.get("imported_from", {}).get("mask_mode", "")
+    if not recorded:
+        raise ConversionError(
+            f"export-hf: {step_dir} is step 0 (never trained) and records no source attention; "
+            "pass --mask_mode=causal or --mask_mode=bidirectional"
+        )
+    return recorded
+
+
 def export_checkpoint(
     checkpoint_path: str,
     out_dir: str,
@@ -191,8 +208,7 @@ def export_checkpoint(
         raise ConversionError(f"export-hf: {out_dir!r} already holds an export; choose a new --out")
     model = checkpoint.load_checkpoint(checkpoint_path)
     if mask_mode == "auto":
-        step = int(os.path.basename(os.path.normpath(model.step_dir)))
-        mask_mode = trained_mask_mode(model.config, step)
+        mask_mode = auto_mask_mode(model.config, model.step_dir)
     config = export_params(
         model.params,
         model.model_config,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 
+import ml_collections
 import numpy as np
 
 from mlm_vs_clm.convert import ConversionError
@@ -82,6 +83,15 @@ def model_fields_from_hf(hf: dict) -> dict:
         raise ConversionError(f"import-hf: num_attention_heads {heads} is not a multiple of num_key_value_heads")
     fields.update(_rope_fields(hf))
     return fields
+
+
+def source_mask_mode(hf: dict) -> str:
+    """The attention the Hugging Face model uses: `is_causal` where the config says (our
+    exports do), else causal for transformers' own Llama classes, and '' (unknown) for remote
+    code (`auto_map`)."""
+    if "is_causal" in hf:
+        return "causal" if hf["is_causal"] else "bidirectional"
+    return "" if hf.get("auto_map") else "causal"
 
 
 class HFWeights:
@@ -160,7 +170,8 @@ def _grow_vocab(params: dict) -> dict:
 def convert_hf(hf_dir: str, tokenizer_dir: str, scan_layers: bool = True, base_config: str = "configs/pretrain.py:tiny"):
     """A Hugging Face Llama folder -> (config, params, tokenizer), all in memory; the tokenizer
     (with a mask token) is written to `tokenizer_dir`. The config is `base_config` with model.*
-    and tokens.* taken from the checkpoint."""
+    and tokens.* taken from the checkpoint, and `imported_from` (the folder, its architectures
+    and its attention: what `export-hf --mask_mode=auto` uses for an untrained import)."""
     from mlm_vs_clm.config import load_config
     from mlm_vs_clm.convert.hf_tokenizer import import_hf_tokenizer
 
@@ -181,6 +192,13 @@ def convert_hf(hf_dir: str, tokenizer_dir: str, scan_layers: bool = True, base_c
     config.tokens.special_ids = tuple(int(i) for i in tokenizer.special_ids)
     config.data.tokenizer = os.path.abspath(tokenizer_dir)
     config.data.tokenizer_vocab_size = tokenizer.vocab_size
+    config.imported_from = ml_collections.ConfigDict(
+        dict(
+            hf=os.path.abspath(hf_dir),
+            architectures=",".join(hf.get("architectures") or []),
+            mask_mode=source_mask_mode(hf),
+        )
+    )
     return config, params, tokenizer
 
 
