@@ -51,9 +51,15 @@ for ((i = 0; i < num_processes; i++)); do
 done
 
 status=0
-for ((i = 0; i < num_processes; i++)); do
+finished=0
+while ((finished < num_processes)); do
   rc=0
-  wait -n || rc=$?
+  pid=""
+  wait -n -p pid || rc=$?
+  if [[ -z "${pid:-}" ]]; then
+    continue  # the wait was cut short by a signal we forwarded: no process has exited yet
+  fi
+  finished=$((finished + 1))
   if [[ $rc -ne 0 && $status -eq 0 ]]; then
     status=$rc
     echo "launch/local.sh: a process exited with status $rc; stopping the others" >&2

@@ -81,41 +81,89 @@ class Checkpointer:
         self.manager.wait_until_finished()
         self.manager.close()
 
-    def restore_latest(self, abstract_state, data_iter=None, data_state_portable: bool = True):
+    def restore_latest(self, abstract_state, data_iter=None, data_state_portable: bool = True, config=None):
         """(step, state) from the newest checkpoint that restores; (None, None) if there is none.
 
-        A checkpoint that fails to restore (killed mid-write, truncated or corrupt file) is
-        moved aside to RUN/checkpoints_corrupt/ with a warning naming it, and the previous
-        one is tried. Nothing is deleted. With `data_state_portable` (every process iterates
-        the same global stream) a checkpoint also resumes under another process count.
+        A checkpoint that fails to restore (a truncated or corrupt file) is moved aside to
+        RUN/checkpoints_corrupt/ with a warning naming it, and the previous one is tried.
+        Nothing is deleted. A checkpoint that is readable but does not fit this run (another
+        architecture: its parameter shapes differ; or a data-iterator state this pipeline
+        cannot take) stops the run with a CheckpointError naming the difference, and every
+        checkpoint stays where it is. With `data_state_portable` (every process iterates the
+        same global stream) a checkpoint also resumes under another process count.
         """
         for step in reversed(self.steps()):
-            items = {"state": ocp.args.StandardRestore(abstract_state)}
+            mismatch = self._mismatch(step, abstract_state.params, config)
+            if mismatch:
+                raise CheckpointError(
+                    f"checkpoint {step} in {self.directory} does not fit this config ({mismatch}); resume with the "
+                    "run's own config (saved in that checkpoint's config/metadata) or use a new --workdir"
+                )
             data_dir = os.path.join(self.directory, str(step), "data")
             own = os.path.join(data_dir, f"process_{jax.process_index()}-of-{jax.process_count()}.json")
             other = sorted(f for f in os.listdir(data_dir) if f.endswith(".json")) if os.path.isdir(data_dir) else []
             wants_data = data_iter is not None and hasattr(data_iter, "set_state")
-            if wants_data and os.path.isfile(own):
-                items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-            elif wants_data and other and not data_state_portable:
+            if wants_data and other and not os.path.isfile(own) and not data_state_portable:
                 raise CheckpointError(
                     f"checkpoint {step} was written by {len(other)} processes with data.shard_by_process=True; "
                     "resume it with the same number of processes"
                 )
             try:
-                restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-                state = restored["state"]
-                if wants_data and not os.path.isfile(own) and other:
-                    # Saved by another number of processes: every process iterates the same
-                    # global stream (data.shard_by_process=False), so any process's state fits.
-                    with open(os.path.join(data_dir, other[0])) as f:
-                        data_iter.set_state(json.load(f))
+                state = self.manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state)))["state"]
                 if not bool(jax.jit(_all_finite)(state.params)):
                     raise CheckpointError("non-finite parameters")
-                return step, state
-            except Exception as e:  # noqa: BLE001 - any failure means: not usable
+            except Exception as e:  # noqa: BLE001 - the state does not restore: not usable
                 self._move_aside(step, e)
+                continue
+            if wants_data and other:
+                try:
+                    if os.path.isfile(own):
+                        self.manager.restore(step, args=ocp.args.Composite(
+                            data=grain.checkpoint.CheckpointRestore(data_iter)))
+                    else:
+                        # Saved by another number of processes: every process iterates the same
+                        # global stream (data.shard_by_process=False), so any process's state fits.
+                        with open(os.path.join(data_dir, other[0])) as f:
+                            data_iter.set_state(json.load(f))
+                except Exception as e:  # noqa: BLE001 - a data pipeline changed since the save
+                    reason = str(e).splitlines()[0][:200] if str(e) else ""
+                    raise CheckpointError(
+                        f"checkpoint {step} in {self.directory}: the data iterator's saved state does not fit this "
+                        f"run's data pipeline ({type(e).__name__}: {reason}); resume with the run's own data settings"
+                    ) from e
+            return step, state
         return None, None
+
+    def _mismatch(self, step: int, abstract_params, config) -> str | None:
+        """Why the readable checkpoint at `step` cannot hold these parameters, or None (also when
+        its metadata cannot be read: restoring it then decides whether it is corrupt)."""
+        step_dir = os.path.join(self.directory, str(step))
+        try:
+            meta = ocp.PyTreeCheckpointer().metadata(os.path.join(step_dir, "state"))
+            tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
+            saved = {jax.tree_util.keystr(p): tuple(v.shape)
+                     for p, v in jax.tree_util.tree_flatten_with_path(tree["params"])[0]}
+        except Exception:  # noqa: BLE001 - unreadable metadata: leave it to the restore
+            return None
+        wanted = {jax.tree_util.keystr(p): tuple(v.shape)
+                  for p, v in jax.tree_util.tree_flatten_with_path(abstract_params)[0]}
+        if saved == wanted:
+            return None
+        differences = []
+        saved_config = os.path.join(step_dir, "config", "metadata")
+        if config is not None and os.path.isfile(saved_config):
+            from mlm_vs_clm.model import ARCHITECTURE_KEYS
+
+            with open(saved_config) as f:
+                saved_model = json.load(f).get("model", {})
+            for key in (*ARCHITECTURE_KEYS, "scan_layers"):
+                if key in saved_model and saved_model[key] != config.model.get(key):
+                    differences.append(f"model.{key} is {saved_model[key]!r} there, {config.model.get(key)!r} here")
+        if not differences:
+            names = sorted(set(saved) ^ set(wanted)) + sorted(k for k in set(saved) & set(wanted) if saved[k] != wanted[k])
+            differences.append(f"its parameters differ: {', '.join(names[:3])}" + (", ..." if len(names) > 3 else ""))
+        return "; ".join(differences)
 
     def _move_aside(self, step: int, error: Exception):
         src = os.path.join(self.directory, str(step))

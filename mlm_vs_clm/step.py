@@ -80,7 +80,10 @@ def train_step(setup: Setup, objective: Objective, state: TrainState, batch) -> 
 
     # A non-finite step leaves the parameters and the optimizer state as they were: one branch,
     # not a select on every leaf of the state (on 2 CPU cores the selects cost half the update).
-    new_params, new_opt = jax.lax.cond(ok, update, lambda p, o: (p, o), state.params, state.opt_state)
+    # Only the learning-rate schedule's step count moves on, so that the rate stays a function
+    # of the step (the logged one, and where warmups and the objective switch fall).
+    new_params, new_opt = jax.lax.cond(ok, update, lambda p, o: (p, _advance_schedules(o)), state.params,
+                                       state.opt_state)
     new_state = TrainState(
         step=state.step + 1,
         params=new_params,
@@ -99,6 +102,14 @@ def train_step(setup: Setup, objective: Objective, state: TrainState, batch) -> 
         "skipped_steps": new_state.skipped_steps,
     }
     return new_state, metrics
+
+
+def _advance_schedules(opt_state):
+    """The optimizer state with every schedule's step count advanced by one (Adam's own count,
+    which corrects its moments' bias, stays: no moment was updated)."""
+    is_schedule = lambda x: isinstance(x, optax.ScaleByScheduleState)
+    return jax.tree.map(lambda x: x._replace(count=x.count + 1) if is_schedule(x) else x, opt_state,
+                        is_leaf=is_schedule)
 
 
 def eval_step(setup: Setup, objective: Objective, params, batch, step_for_masks) -> objectives.LossSums:

@@ -33,7 +33,11 @@ class TrainingError(RuntimeError):
 
 
 class _Preemption:
-    """Turns SIGTERM into a flag that the loop checks after each step."""
+    """Turns SIGTERM into a flag that the loop checks after each step.
+
+    With several processes, a signal may reach only some of them, or reach them at different
+    steps; `agreed()` is True on every process at the same step once any process has seen one,
+    so that all of them save that step together (the save is collective) and stop."""
 
     def __init__(self):
         self.requested = False
@@ -41,6 +45,14 @@ class _Preemption:
 
     def _handle(self, signum, frame):
         self.requested = True
+
+    def agreed(self) -> bool:
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils
+
+        # one int per process, gathered after the step this process just dispatched
+        return bool(np.asarray(multihost_utils.process_allgather(np.int32(self.requested))).any())
 
 
 def _to_global(batch_np: dict, mesh) -> dict:
@@ -51,7 +63,8 @@ def _to_global(batch_np: dict, mesh) -> dict:
 def initial_state(setup, checkpointer, data_iter, config):
     """(state, start_step, how): resume, else init_from, else scratch."""
     portable = not config.data.get("shard_by_process", False)
-    step, state = checkpointer.restore_latest(setup.abstract_state, data_iter, data_state_portable=portable)
+    step, state = checkpointer.restore_latest(setup.abstract_state, data_iter, data_state_portable=portable,
+                                              config=config)
     if state is not None:
         return state, step, f"resumed from step {step}"
     if config.init_from:
@@ -70,7 +83,15 @@ def initial_state(setup, checkpointer, data_iter, config):
     return train_state.init_state(setup, config.seed), 0, "started from scratch"
 
 
-def adopt_architecture(config, source: str) -> None:
+def _has_checkpoints(workdir: str) -> bool:
+    try:
+        ckpt_lib.resolve_step_dir(workdir)
+    except ckpt_lib.CheckpointError:
+        return False
+    return True
+
+
+def adopt_architecture(config, source: str, what: str = "init_from") -> None:
     """The source checkpoint's architecture, special token ids and tokenizer, into `config`."""
     from mlm_vs_clm.model import ARCHITECTURE_KEYS
 
@@ -78,7 +99,7 @@ def adopt_architecture(config, source: str) -> None:
         step_dir = ckpt_lib.resolve_step_dir(source)
         src = ckpt_lib.read_config(step_dir)
     except ckpt_lib.CheckpointError as e:
-        raise ConfigError(f"init_from: {e}") from e
+        raise ConfigError(f"{what}: {e}") from e
     changed = []
     for key in ARCHITECTURE_KEYS:
         if key in src.model and config.model[key] != src.model[key]:
@@ -95,8 +116,8 @@ def adopt_architecture(config, source: str) -> None:
         config.data.tokenizer = tokenizer_dir
         changed.append(f"data.tokenizer={tokenizer_dir}")
     if changed:
-        print(f"init_from: using the source checkpoint's {', '.join(changed)} (init_from_architecture=False "
-              "keeps the config's own)", flush=True)
+        print(f"{what}: using the {'source' if what == 'init_from' else 'run'} checkpoint's {', '.join(changed)} "
+              "(init_from_architecture=False keeps the config's own)", flush=True)
 
 
 def _fill_missing(partial, fresh):
@@ -133,9 +154,12 @@ def train(config, workdir: str, devices=None) -> dict:
         aot.mesh_layouts().apply_mesh_layout(
             config, config.mesh.layout, len(devices), config.mesh.devices_per_node or None
         )
+    # A continuation run that has checkpoints of its own resumes from them: its architecture is
+    # the one it saved, and its init_from source is no longer needed (it may have moved).
+    resuming = bool(config.init_from) and _has_checkpoints(workdir)
     if config.init_from and config.get("init_from_architecture", False):
-        adopt_architecture(config, config.init_from)
-    validate(config, len(devices))
+        adopt_architecture(config, workdir if resuming else config.init_from, "resume" if resuming else "init_from")
+    validate(config, len(devices), resuming=resuming)
     os.makedirs(workdir, exist_ok=True)
     tokenizer = pipeline.prepare_tokenizer(config, workdir)
     _apply_tokenizer(config, tokenizer)
@@ -198,12 +222,13 @@ def train(config, workdir: str, devices=None) -> dict:
                 record = {"step": done, **evaluate(setup, state.params, val_batches, config)}
                 writer.write(record)
                 last = {**last, **record}
-            if done % t.checkpoint_every == 0 or done == t.steps or preemption.requested or done in t.keep_steps:
+            stop = preemption.agreed()
+            if done % t.checkpoint_every == 0 or done == t.steps or stop or done in t.keep_steps:
                 if pending is not None:
                     flush(pending)
                     pending = None
                 checkpointer.save(done, state, data_iter, config, force=True)
-            if preemption.requested:
+            if stop:
                 checkpointer.wait()
                 print(f"preempted: checkpoint saved at step {done}", flush=True)
                 break

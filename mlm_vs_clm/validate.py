@@ -14,7 +14,9 @@ def _require(cond: bool, key: str, reason: str):
         raise ConfigError(f"{key}: {reason}")
 
 
-def validate(config, num_devices: int) -> None:
+def validate(config, num_devices: int, resuming: bool = False) -> None:
+    """`resuming`: the run resumes from checkpoints of its own (an init_from source is then not
+    read, and need not exist any more)."""
     m, t, o = config.model, config.train, config.optimizer
     for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_size"):
         _require(int(m[key]) > 0, f"model.{key}", f"must be positive, got {m[key]}")
@@ -36,7 +38,7 @@ def validate(config, num_devices: int) -> None:
     _require(t.steps > 0, "train.steps", f"must be positive, got {t.steps}")
     _require(t.seq_len > 1, "train.seq_len", f"must be > 1, got {t.seq_len}")
     _require(t.grad_accum_steps >= 1, "train.grad_accum_steps", "must be >= 1")
-    for key in ("log_every", "eval_every", "checkpoint_every"):
+    for key in ("log_every", "eval_every", "checkpoint_every", "eval_batches", "max_bad_steps", "keep"):
         _require(int(t[key]) > 0, f"train.{key}", f"must be positive, got {t[key]}")
     _require(o.schedule in ("wsd", "cosine", "constant"), "optimizer.schedule",
              f"unknown schedule {o.schedule!r} (wsd, cosine, constant)")
@@ -59,7 +61,7 @@ def validate(config, num_devices: int) -> None:
                  f"{m[key]} is not divisible by mesh.tensor={shape[2]}")
     tok = config.tokens
     _require(0 <= tok.mask_id < m.vocab_size, "tokens.mask_id", f"{tok.mask_id} is outside the vocabulary")
-    if config.init_from:
+    if config.init_from and not resuming:
         _require(os.path.exists(config.init_from), "init_from", f"{config.init_from} does not exist")
     for s in t.keep_steps:
         _require(0 < int(s) <= t.steps, "train.keep_steps", f"step {s} is outside 1..{t.steps}")

@@ -146,6 +146,49 @@ def test_truncated_newest_checkpoint_falls_back(corpus, reference_run, tmp_path)
     jax.tree.map(np.testing.assert_array_equal, _params(reference_run), _params(workdir))
 
 
+def _tree_files(root):
+    return sorted(os.path.relpath(os.path.join(r, f), root) for r, _, fs in os.walk(root) for f in fs)
+
+
+def test_resume_with_another_architecture_stops_and_keeps_every_checkpoint(corpus, reference_run, tmp_path):
+    # A resume under a config whose parameters do not fit the checkpoints (here a wider model)
+    # is the user's mistake, not corruption: one error naming the difference, nothing moved
+    # aside, no metric record rewritten.
+    import shutil
+
+    workdir = str(tmp_path / "run")
+    shutil.copytree(reference_run, workdir)
+    before = _tree_files(workdir)
+    with pytest.raises(ckpt_lib.CheckpointError, match=r"model\.hidden_size is 64 there, 128 here") as e:
+        train(_config(corpus, **{"model.hidden_size": 128, "train.steps": 16}), workdir, devices=jax.devices()[:1])
+    assert "\n" not in str(e.value)
+    after = [f for f in _tree_files(workdir) if f != "config.json"]  # rewritten at start-up, as before
+    assert after == [f for f in before if f != "config.json"] and not os.path.exists(
+        os.path.join(workdir, "checkpoints_corrupt"))
+    assert _records(workdir) == _records(reference_run)
+    # the unrolled layout of the same model has other parameter names: named too
+    config = _config(corpus, **{"model.scan_layers": False})
+    setup = train_state.build(config, sharding.make_mesh(config.mesh, jax.devices()[:1]))
+    with pytest.raises(ckpt_lib.CheckpointError, match=r"model\.scan_layers is True there, False here"):
+        ckpt_lib.Checkpointer(workdir).restore_latest(setup.abstract_state, config=config)
+
+
+def test_data_state_that_does_not_fit_stops_the_resume(corpus, reference_run, tmp_path):
+    import shutil
+
+    workdir = str(tmp_path / "run")
+    shutil.copytree(reference_run, workdir)
+    with open(os.path.join(workdir, "checkpoints", "12", "data", "process_0-of-1.json"), "w") as f:
+        json.dump({"a_pipeline_we_do_not_have": 1}, f)
+    before = _tree_files(workdir)
+    config = _config(corpus)
+    setup = train_state.build(config, sharding.make_mesh(config.mesh, jax.devices()[:1]))
+    data_iter = pipeline.train_iterator(config, pipeline.prepare_tokenizer(config, workdir), 0, 1)
+    with pytest.raises(ckpt_lib.CheckpointError, match="data iterator's saved state does not fit"):
+        ckpt_lib.Checkpointer(workdir).restore_latest(setup.abstract_state, data_iter, config=config)
+    assert _tree_files(workdir) == before
+
+
 def test_restore_on_another_mesh(corpus, reference_run):
     for devices, mesh in ((8, (2, 2, 2)), (8, (8, 1, 1)), (1, (1, 1, 1))):
         config = _config(corpus, **{"mesh.data": mesh[0], "mesh.fsdp": mesh[1], "mesh.tensor": mesh[2]})
@@ -181,6 +224,28 @@ def test_init_from_takes_the_source_architecture(corpus, reference_run, tmp_path
     config.init_from, config.init_from_architecture = reference_run, False
     with pytest.raises(ckpt_lib.CheckpointError, match="gate_proj"):
         train(config, str(tmp_path / "own"), devices=jax.devices()[:1])
+
+
+def test_continuation_resumes_after_its_source_moved(corpus, reference_run, tmp_path, capsys):
+    # Once a continuation run has checkpoints of its own, resuming it needs neither its init_from
+    # source nor the source's architecture (which it adopted, and saved with its checkpoints).
+    import shutil
+
+    source = str(tmp_path / "source")
+    shutil.copytree(reference_run, source)
+    workdir = str(tmp_path / "run")
+    settings = {"model.ffn_size": 96, "train.steps": 2, "train.eval_every": 2, "train.checkpoint_every": 2}
+    config = _config(corpus, "mlm40", **settings)
+    config.init_from = source
+    train(config, workdir, devices=jax.devices()[:1])
+    os.rename(source, source + "_moved")
+    config = _config(corpus, "mlm40", **{**settings, "train.steps": 4})
+    config.init_from = source
+    capsys.readouterr()
+    train(config, workdir, devices=jax.devices()[:1])
+    out = capsys.readouterr().out
+    assert "resumed from step 2" in out and "resume: using the run checkpoint's model.ffn_size=192" in out
+    assert ckpt_lib.Checkpointer(workdir).steps()[-1] == 4
 
 
 def test_init_from_mismatch_is_a_clear_error(corpus, reference_run, tmp_path):
@@ -226,6 +291,9 @@ def test_non_finite_steps_are_skipped_then_stop(corpus, tmp_path, monkeypatch):
     ("init_from", "/nonexistent/run", "init_from"),
     ("model.attention_impl", "flash", "model.attention_impl"),
     ("model.attention_max_segments", 1, "model.attention_max_segments"),
+    ("train.max_bad_steps", 0, "train.max_bad_steps"),
+    ("train.eval_batches", 0, "train.eval_batches"),
+    ("train.keep", 0, "train.keep"),
 ])
 def test_invalid_configs_are_named(key, value, message):
     config = load_config("configs/pretrain.py:tiny", {key: value, "train.batch_size": 8} if key != "train.batch_size"

@@ -233,3 +233,77 @@ def test_two_process_training_equals_one_process_with_eight_devices(tmp_path):
     a, b = _losses(one), _losses(two)
     assert [s for s, _, _ in a] == [1, 2, 3, 4, 5, 6]
     assert [l for _, _, l in a] == pytest.approx([l for _, _, l in b], rel=1e-5, abs=1e-6)
+
+
+def _children(pid: int) -> list[int]:
+    """Live child processes of `pid` (from /proc)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                out.append(int(entry))
+    return out
+
+
+def _preempt(args, env, workdir, signal_to, after_records):
+    """Start launch/local.sh, wait for `after_records` metric records past the start, send SIGTERM
+    to `signal_to(launcher pid)`, return (returncode, stdout, stderr)."""
+    import signal
+
+    def records():
+        path = os.path.join(workdir, "metrics.jsonl")
+        if not os.path.exists(path):
+            return 0
+        with open(path) as f:
+            return sum(1 for line in f if line.strip())
+
+    start_records = records()
+    launcher = subprocess.Popen(["bash", LOCAL_SH, "2", *args], env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and launcher.poll() is None and records() < start_records + after_records:
+        time.sleep(0.1)
+    assert launcher.poll() is None, launcher.communicate()[1][-2000:]
+    for pid in signal_to(launcher.pid):
+        os.kill(pid, signal.SIGTERM)
+    out, err = launcher.communicate(timeout=180)
+    return launcher.returncode, out, err
+
+
+def test_sigterm_to_one_process_or_the_launcher_saves_one_step_on_every_process(tmp_path):
+    # A preemption may signal one process of a multi-process run, or all of them at different
+    # steps: they agree on one step, save it together and exit 0. A signal to the launcher is
+    # forwarded, and the launcher then reports the processes' own status (0), not the signal's.
+    import random
+
+    from mlm_vs_clm import checkpoint as ckpt_lib
+
+    rng = random.Random(1)
+    words = ["the", "bank", "said", "shares", "rose", "while", "team", "won", "its", "game", "minister", "film"]
+    (tmp_path / "corpus").mkdir()
+    for i in range(64):
+        (tmp_path / "corpus" / f"d{i}.txt").write_text(" ".join(rng.choice(words) for _ in range(40)) + ".\n")
+    workdir = str(tmp_path / "run")
+    args = [a for a in _train_flags(str(tmp_path / "corpus" / "*.txt"), workdir) if "train.steps" not in a]
+    args += ["--config.train.steps=100000", "--config.train.checkpoint_every=100000",
+             "--config.train.eval_every=100000"]
+    env = _env(PYTHON=sys.executable, MLM_VS_CLM_CPU_DEVICES=4,
+               JAX_COMPILATION_CACHE_DIR=os.path.join(REPO_ROOT, ".cache", "jax"))
+
+    rc, out, err = _preempt(args, env, workdir, lambda launcher: _children(launcher)[-1:], after_records=3)
+    assert rc == 0, err[-2000:]
+    saved = [int(line.split("saved at step")[1]) for line in out.splitlines() if "preempted:" in line]
+    assert len(saved) == 2 and saved[0] == saved[1], out[-2000:]  # both processes, one step
+    assert ckpt_lib.Checkpointer(workdir).steps() == [saved[0]]
+
+    rc, out, err = _preempt(args, env, workdir, lambda launcher: [launcher], after_records=3)
+    assert rc == 0 and "a process exited" not in err, err[-2000:]
+    assert f"resumed from step {saved[0]}" in out
+    again = [int(line.split("saved at step")[1]) for line in out.splitlines() if "preempted:" in line]
+    assert len(again) == 2 and again[0] == again[1] > saved[0], out[-2000:]
+    assert ckpt_lib.Checkpointer(workdir).steps()[-1] == again[0]

@@ -1,6 +1,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from mlm_vs_clm import sharding, step, train_state
@@ -88,13 +89,23 @@ def test_non_finite_update_is_skipped():
         new.params["encoder"],
         before["encoder"],
     )
-    # parameters (NaN head included) and optimizer state (moments, counts) exactly as they were
+    # parameters (NaN head included) and optimizer state (moments, Adam's count) exactly as they
+    # were; only the learning-rate schedule's count moved on with the step
     same = lambda a, b: np.testing.assert_array_equal(np.asarray(a), b)  # noqa: E731
-    jax.tree.map(same, (new.params, new.opt_state), (bad_np.params, bad_np.opt_state))
+    is_schedule = lambda x: isinstance(x, optax.ScaleByScheduleState)  # noqa: E731
+    schedules_of = lambda o: [x for x in jax.tree.leaves(o, is_leaf=is_schedule) if is_schedule(x)]  # noqa: E731
+    assert [int(x.count) for x in schedules_of(new.opt_state)] == [int(new.step)]
+    assert [int(x.count) for x in schedules_of(bad_np.opt_state)] == [0]
+    unscheduled = lambda o: jax.tree.map(lambda x: x._replace(count=0) if is_schedule(x) else x, o,  # noqa: E731
+                                         is_leaf=is_schedule)
+    jax.tree.map(same, (new.params, unscheduled(new.opt_state)), (bad_np.params, unscheduled(bad_np.opt_state)))
     # a good step afterwards updates and resets the streak
     skipped_opt = jax.tree.map(np.asarray, new.opt_state)
     good = new.replace(params=jax.tree.map(jnp.asarray, before))
     after, m = step.compiled_train_step(setup, Objective("clm"))(good, packed_batch())
     assert bool(m["finite"]) and int(after.bad_steps) == 0 and int(after.skipped_steps) == 1
     changed = jax.tree.map(lambda a, b: not np.array_equal(np.asarray(a), np.asarray(b)), after.opt_state, skipped_opt)
-    assert all(jax.tree.leaves(changed))  # moments and count moved (the warm-up lr is still 0)
+    assert all(jax.tree.leaves(changed))  # moments and counts moved
+    # the update of step 1 used the rate of step 1, as logged, not the rate of step 0 (the skip)
+    assert float(m["learning_rate"]) == float(setup.lr_schedule(1)) > 0
+    assert [int(x.count) for x in schedules_of(after.opt_state)] == [int(after.step)] == [2]
