@@ -257,6 +257,8 @@ def _apply_tokenizer(config, tokenizer):
         raise ConfigError("data.tokenizer: the tokenizer has no mask token")
     config.tokens.pad_id = tokenizer.pad_id
     config.tokens.mask_id = tokenizer.mask_id
+    for role in ("unk", "bos", "eos"):
+        config.tokens[f"{role}_id"] = getattr(tokenizer, f"{role}_id")
     config.tokens.special_ids = tuple(int(i) for i in tokenizer.special_ids)
 
 

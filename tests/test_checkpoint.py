@@ -356,3 +356,20 @@ def test_init_from_allow_missing_initialises_the_rest(corpus, reference_run, tmp
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state.params["encoder"]),
                  jax.tree.map(np.asarray, full.params["encoder"]))
     assert np.abs(np.asarray(state.params["lm_head"]["kernel"]) - np.asarray(full.params["lm_head"]["kernel"])).max() > 0
+
+
+def test_train_takes_every_special_id_from_the_tokenizer():
+    # A Hugging Face tokenizer numbers its special tokens its own way (BERT: [PAD]=0, [UNK]=100,
+    # [CLS]=101, [SEP]=102, [MASK]=103): the run uses its ids, with no tokens.* flags.
+    import types
+
+    from mlm_vs_clm.train import _apply_tokenizer
+
+    config = load_config("configs/pretrain.py:tiny")
+    tokenizer = types.SimpleNamespace(vocab_size=3000, pad_id=0, unk_id=100, bos_id=101, eos_id=102, mask_id=103,
+                                      special_ids=(0, 100, 101, 102, 103))
+    _apply_tokenizer(config, tokenizer)
+    t = config.tokens
+    assert (t.pad_id, t.unk_id, t.bos_id, t.eos_id, t.mask_id) == (0, 100, 101, 102, 103)
+    assert tuple(t.special_ids) == (0, 100, 101, 102, 103)
+    validate(config, 1)

@@ -2,12 +2,13 @@
 
 import collections
 import json
+import os
 import zipfile
 
 import numpy as np
 import pytest
 
-from mlm_vs_clm.config import load_config
+from mlm_vs_clm.config import ConfigError, load_config
 from mlm_vs_clm.data import demo_corpus, pipeline, sources
 from mlm_vs_clm.data import tokenizer as tk
 
@@ -93,7 +94,7 @@ def test_processes_read_disjoint_shards(tok):
         counts.append(collections.Counter(t for s in segments_of(rows_of(ds)) for t in s))
     expected = [collections.Counter(t for d in doc_tokens(tok, docs[i::2]) for t in d) for i in range(2)]
     assert counts == expected  # process i reads exactly documents i, i+2, ...
-    with pytest.raises(ValueError, match="cannot be sharded over 50"):
+    with pytest.raises(sources.SourceError, match="41 documents cannot be sharded over 50 processes"):
         pipeline.packed_batches(sources.Documents(docs), tok, SEQ, 1, shard_count=50)
 
 
@@ -152,6 +153,81 @@ def test_worker_processes_give_the_same_rows_and_resume(tok, tmp_path):
         assert_same(a, b)
 
 
+def test_resume_under_another_worker_count(tok, tmp_path):
+    config = _config(tmp_path, tok.save(str(tmp_path / "tok")))
+    plain = pipeline.train_iterator(config, tok)
+    expected = [next(plain) for _ in range(6)]
+    reference_state = None
+    for saved_with, resumed_with in ((0, 1), (1, 0), (2, 1)):
+        config.data.worker_count = saved_with
+        it = pipeline.train_iterator(config, tok)
+        for _ in range(3):
+            next(it)
+        state = json.loads(json.dumps(it.get_state()))  # as the checkpoint stores it
+        reference_state = reference_state or state
+        assert state == reference_state  # the same state whatever the worker count
+        config.data.worker_count = resumed_with
+        resumed = pipeline.train_iterator(config, tok)
+        resumed.set_state(state)
+        for e in expected[3:]:
+            assert_same(next(resumed), e)
+        it.close()
+        resumed.close()
+
+
+def test_state_saved_by_mp_prefetch_itself_restores():
+    """A state in grain's own mp_prefetch format (checkpoints written before the worker-count
+    free state) restores at the same element under any worker count."""
+    import grain
+
+    def stream(workers):
+        ds = grain.MapDataset.range(50).to_iter_dataset()
+        mp = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers)) if workers else ds
+        return pipeline._OneReaderState(mp, workers)
+
+    old = iter(grain.MapDataset.range(50).to_iter_dataset().mp_prefetch(grain.MultiprocessingOptions(num_workers=2)))
+    assert [next(old) for _ in range(7)] == list(range(7))
+    for workers in (0, 3):
+        it = iter(stream(workers))
+        it.set_state(old.get_state())
+        assert [next(it) for _ in range(5)] == list(range(7, 12))
+        assert it.get_state() == {"next_index": 12}
+        it.close()
+    old.close()
+
+
+class _Records:
+    """A lazily read source (like TFDS) whose documents may be empty."""
+
+    def __init__(self, texts):
+        self.texts, self.name = texts, "records"
+
+    def __len__(self):
+        return len(self.texts)
+
+    def __getitem__(self, i):
+        return self.texts[i % len(self.texts)]
+
+
+def test_a_source_of_empty_documents_is_an_error_not_a_hang(tok):
+    with pytest.raises(sources.SourceError, match="'records': all 3 documents are empty"):
+        next(iter(pipeline.packed_batches(_Records(["", "", ""]), tok, SEQ, BATCH, seed=0)))
+    # Many empty documents around a short one: rows, not an error (runs of empties cross epochs).
+    it = iter(pipeline.packed_batches(_Records([""] * 9 + ["the team won"]), tok, SEQ, BATCH, seed=0))
+    assert all(next(it)["segment_ids"].max() > 0 for _ in range(20))
+
+
+def test_check_tokenizer_errors_are_config_errors(tok, tmp_path):
+    config = _config(tmp_path, "")
+    pipeline.check_tokenizer(config, tok)
+    # special ids that differ are no error: the train command takes them from the tokenizer
+    config.tokens.pad_id, config.tokens.mask_id, config.tokens.bos_id, config.tokens.unk_id = 7, 8, 9, 10
+    pipeline.check_tokenizer(config, tok)
+    config.model.vocab_size = 100
+    with pytest.raises(ConfigError, match="model.vocab_size=100 is smaller than the tokenizer's"):
+        pipeline.check_tokenizer(config, tok)
+
+
 def test_validation_rows_are_fixed_and_held_out(tok, tmp_path):
     config = _config(tmp_path, tok.save(str(tmp_path / "tok")))
     val = pipeline.validation_batches(config, tok, 2)
@@ -192,8 +268,33 @@ def test_prepare_tokenizer_trains_once_and_copies_to_the_run(tmp_path, monkeypat
     second = pipeline.prepare_tokenizer(config, str(tmp_path / "run2"))  # from the cache
     assert second.encode("the market grew") == first.encode("the market grew")
     config.model.vocab_size = 200
-    with pytest.raises(ValueError, match="model.vocab_size=200"):
+    with pytest.raises(ConfigError, match="model.vocab_size=200"):
         pipeline.prepare_tokenizer(config, str(tmp_path / "run3"))
+
+
+def test_tokenizer_cache_is_keyed_on_the_files(tmp_path, monkeypatch):
+    monkeypatch.setenv(demo_corpus.CACHE_ENV, str(tmp_path / "cache"))
+    config = _config(tmp_path, "", **{"data.tokenizer_vocab_size": 300})
+    trained = []
+
+    def counting(*args, **kwargs):
+        trained.append(1)
+        return tk.train_tokenizer(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "train_tokenizer", counting)
+    first = pipeline.prepare_tokenizer(config)
+    assert len(trained) == 1 and pipeline.prepare_tokenizer(config).encode("the team") == first.encode("the team")
+    assert len(trained) == 1  # same files: the cached tokenizer
+    # The corpus rewritten at the same path, with other words of the same length: the same
+    # size, a later mtime.
+    path = tmp_path / "docs.jsonl"
+    stat = path.stat()
+    path.write_text(path.read_text().replace("market", "marche").replace("team", "Team"))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert path.stat().st_size == stat.st_size
+    monkeypatch.setattr(pipeline, "_opened", {})
+    second = pipeline.prepare_tokenizer(config)
+    assert len(trained) == 2 and second.encode("marche") != first.encode("marche")
 
 
 def test_demo_source_validates_on_the_heldout_split(tok, tmp_path, monkeypatch):
@@ -223,5 +324,5 @@ def test_rows_per_second_and_global_batch(tok, tmp_path):
     global_batch = pipeline.to_global_batch(batch, sharding)
     assert global_batch["tokens"].shape == (8, SEQ) and global_batch["tokens"].sharding == sharding
     np.testing.assert_array_equal(np.asarray(global_batch["positions"]), batch["positions"])
-    with pytest.raises(ValueError, match="not divisible by 3 processes"):
+    with pytest.raises(ConfigError, match="not divisible by 3 processes"):
         pipeline.train_iterator(config, tok, process_index=0, process_count=3)

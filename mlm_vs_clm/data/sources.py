@@ -10,11 +10,16 @@
 - `demo` / `demo:heldout`: the BBC News pretraining / held-out split (`demo_corpus`).
 
 Empty documents are skipped, invalid UTF-8 is decoded with U+FFFD and counted, and the
-counts are logged. A missing path or a glob that matches nothing is a `SourceError`.
+counts are logged (at WARNING when nonzero); a leading UTF-8 byte order mark is dropped.
+A `SourceError` names the file for: a missing path or a glob that matches nothing, a file
+that cannot be read or parsed, a JSON text field that is not a string, a compressed or
+binary suffix (`BINARY_SUFFIXES`), and a plain-text file more than `BINARY_FRACTION` of
+whose characters are U+FFFD or control characters (binary data, or not UTF-8).
 """
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import json
 import os
@@ -28,8 +33,21 @@ from etils import epath
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 PARQUET_SUFFIXES = (".parquet",)
 TEXT_MODES = ("file", "blocks")
+# Compressed, archive, image, audio, video and binary-data suffixes: never read as text.
+BINARY_SUFFIXES = frozenset({
+    ".gz", ".tgz", ".bz2", ".xz", ".lz4", ".zst", ".zstd", ".br", ".z", ".zip", ".tar", ".7z", ".rar",
+    ".whl", ".jar", ".bin", ".npy", ".npz", ".pkl", ".pickle", ".pt", ".pth", ".ckpt", ".safetensors",
+    ".h5", ".hdf5", ".arrow", ".feather", ".tfrecord", ".array_record", ".model", ".so", ".o", ".a",
+    ".dll", ".exe", ".pyc", ".class", ".db", ".sqlite", ".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif",
+    ".tiff", ".webp", ".ico", ".pdf", ".mp3", ".wav", ".flac", ".ogg", ".mp4", ".avi", ".mov", ".mkv",
+})
+# A plain-text file with more than this fraction of U+FFFD or control characters is binary
+# (or not UTF-8): Latin-1 French or German text has up to ~15 %, while compressed data,
+# images, executables, float arrays and UTF-16 text have 50 % or more.
+BINARY_FRACTION = 0.3
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _BLANK_LINE = re.compile(r"\n[ \t\r\f\v]*\n")
+_NOT_TEXT = re.compile(r"[\ufffd\x00-\x08\x0e-\x1f\x7f]")  # all C0 controls but \t \n \v \f \r
 
 
 class SourceError(ValueError):
@@ -196,6 +214,25 @@ def expand_paths(spec: str) -> list[epath.Path]:
     return files
 
 
+def fingerprint(spec: str) -> list:
+    """[absolute path, size, mtime] of every file of a file source ([] for tfds: and demo):
+    changes when a file at the same path is rewritten."""
+    spec = (spec or "").strip()
+    if spec.startswith("tfds:") or spec in ("demo", "demo:pretrain", "demo:heldout"):
+        return []
+    out = []
+    for path in expand_paths(spec):
+        try:
+            st = path.stat()
+        except OSError as e:
+            raise _read_error(path, e) from e
+        if isinstance(path, pathlib.Path):
+            out.append([os.path.abspath(path), st.st_size, st.st_mtime_ns])
+        else:  # etils.epath (gs:// ...)
+            out.append([os.fspath(path), st.length, st.mtime])
+    return out
+
+
 def _texts_of_file(path: epath.Path, text_field: str, text_mode: str, stats: SourceStats):
     suffix = path.suffix.lower()
     if suffix in PARQUET_SUFFIXES:
@@ -212,7 +249,7 @@ def _texts_of_file(path: epath.Path, text_field: str, text_mode: str, stats: Sou
                         value = _decode(value, stats)
                     yield value or ""
         return
-    raw = path.read_bytes()
+    raw = path.read_bytes().removeprefix(codecs.BOM_UTF8)
     if suffix in JSONL_SUFFIXES:
         for line_no, line in enumerate(raw.splitlines(), 1):
             if not line.strip():
@@ -225,13 +262,30 @@ def _texts_of_file(path: epath.Path, text_field: str, text_mode: str, stats: Sou
                 raise SourceError(f"data source {os.fspath(path)!r} line {line_no}: no field {text_field!r}; "
                                   "set data.text_field")
             value = record[text_field]
-            yield value if isinstance(value, str) else ("" if value is None else str(value))
+            if value is not None and not isinstance(value, str):
+                raise SourceError(f"data source {os.fspath(path)!r} line {line_no}: field {text_field!r} is "
+                                  f"a {type(value).__name__}, not a string")
+            yield value or ""
         return
     text = _decode(raw, stats).replace("\r\n", "\n")
+    not_text = len(_NOT_TEXT.findall(text))
+    if not_text > BINARY_FRACTION * len(text):
+        raise SourceError(f"data source {os.fspath(path)!r}: {not_text / len(text):.0%} of its characters are "
+                          "invalid UTF-8 or control characters: a binary file, or text not in UTF-8")
     if text_mode == "blocks":
         yield from _BLANK_LINE.split(text.strip())
     else:
         yield text
+
+
+def _read_error(path, error: Exception) -> SourceError:
+    """A library's error while reading or parsing `path` -> one line naming the file."""
+    if isinstance(error, OSError) and error.strerror:
+        reason = f"cannot read it ({error.strerror})"
+    else:
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        reason = f"cannot parse it ({type(error).__name__}{': ' + detail if detail else ''})"
+    return SourceError(f"data source {os.fspath(path)!r}: {reason}")
 
 
 def read_files(spec: str, text_field: str = "text", text_mode: str = "file") -> Documents:
@@ -240,16 +294,25 @@ def read_files(spec: str, text_field: str = "text", text_mode: str = "file") -> 
         raise SourceError(f"data.text_mode: {text_mode!r} is not one of {TEXT_MODES}")
     stats, texts = SourceStats(), []
     for path in expand_paths(spec):
+        if path.suffix.lower() in BINARY_SUFFIXES:
+            raise SourceError(f"data source {os.fspath(path)!r}: a {path.suffix} file is compressed or binary, "
+                              "not text; decompress or convert it, or leave it out of data.source")
         stats.files += 1
-        for text in _texts_of_file(path, text_field, text_mode, stats):
-            text = text.strip()
-            if text:
-                texts.append(text)
-            else:
-                stats.skipped_empty += 1
+        try:
+            for text in _texts_of_file(path, text_field, text_mode, stats):
+                text = text.strip()
+                if text:
+                    texts.append(text)
+                else:
+                    stats.skipped_empty += 1
+        except SourceError:
+            raise
+        except Exception as e:  # OS, pyarrow and codec errors of many types: this file is unusable
+            raise _read_error(path, e) from e
     stats.documents = len(texts)
-    logging.info("data source %s: %d documents from %d files; %d empty skipped; %d with invalid UTF-8 repaired",
-                 spec, stats.documents, stats.files, stats.skipped_empty, stats.repaired_utf8)
+    log = logging.warning if stats.skipped_empty or stats.repaired_utf8 else logging.info
+    log("data source %s: %d documents from %d files; %d empty skipped; %d with invalid UTF-8 repaired",
+        spec, stats.documents, stats.files, stats.skipped_empty, stats.repaired_utf8)
     if not texts:
         raise SourceError(f"data source {spec!r}: no non-empty documents")
     return Documents(texts, name=spec, stats=stats)

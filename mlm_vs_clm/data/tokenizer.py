@@ -16,11 +16,11 @@ absent), `special_ids`, `save(directory)`. `load_tokenizer(path)` takes a direct
 from __future__ import annotations
 
 import abc
-
 import io
 import json
 import os
 
+import numpy as np
 from absl import logging
 
 MODEL_FILE = "spiece.model"
@@ -222,8 +222,17 @@ def _training_lines(texts):
                     yield piece
 
 
+def _sample_lines(lines: list[str], size: int, seed: int) -> list[str]:
+    """`size` of the lines, chosen with `seed` and kept in order (all when there are fewer)."""
+    if len(lines) <= size:
+        return lines
+    keep = np.sort(np.random.default_rng(seed).choice(len(lines), size, replace=False))
+    return [lines[i] for i in keep]
+
+
 def train_tokenizer(
-    texts, vocab_size: int, out_dir: str | None = None, model_type: str = "unigram", exact: bool = False
+    texts, vocab_size: int, out_dir: str | None = None, model_type: str = "unigram", exact: bool = False,
+    input_sentence_size: int = 4_000_000, seed: int = 0,
 ) -> SentencePieceTokenizer:
     """Trains a sentencepiece model in-process on an iterable of documents.
 
@@ -231,6 +240,10 @@ def train_tokenizer(
     unigram pieces) gives a smaller vocabulary, with a warning; the model's embedding table
     may be larger than the tokenizer (unused rows). With `exact=True` a `TokenizerError` says
     instead that the text is too small and which size it supports.
+
+    Training reads at most `input_sentence_size` lines, sampled here with `seed`, so the same
+    text gives the same model in every process (sentencepiece's own sampling differs between
+    processes, even after `set_random_generator_seed`, with sentencepiece 0.2.3).
     """
     import sentencepiece as spm
 
@@ -242,7 +255,7 @@ def train_tokenizer(
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=_training_lines(texts),
+            sentence_iterator=iter(_sample_lines(list(_training_lines(texts)), input_sentence_size, seed)),
             model_writer=model,
             vocab_size=vocab_size,
             model_type=model_type,
@@ -253,8 +266,7 @@ def train_tokenizer(
             normalization_rule_name="identity",
             remove_extra_whitespaces=False,
             max_sentence_length=4 * _MAX_LINE_CHARS + 64,
-            input_sentence_size=4_000_000,
-            shuffle_input_sentence=True,
+            input_sentence_size=0,  # all of the lines sampled above
             pad_id=0, unk_id=1, bos_id=2, eos_id=3,
             pad_piece=SPECIAL_PIECES["pad"], unk_piece=SPECIAL_PIECES["unk"],
             bos_piece=SPECIAL_PIECES["bos"], eos_piece=SPECIAL_PIECES["eos"],
