@@ -1,9 +1,11 @@
 """Fine-tuning evaluation configs: `--config=configs/finetune.py:SUITE[,quick]`.
 
 SUITE is `news` (offline, built from the held-out demo-corpus articles; the default) or `paper`
-(SST-2, MNLI, QQP, CoNLL-2003, SQuAD, SQuAD-v2, MS MARCO). `news_quick`, `paper_quick` or
-`SUITE,quick`: one learning rate, two seeds, few steps, short rows (smoke runs, the demo).
-Protocol defaults are PAPER.md's; every one is a key: `--config.learning_rates=1e-4,2e-4`.
+(SST-2, MNLI, QQP, CoNLL-2003, SQuAD, SQuAD-v2, MS MARCO; PAPER.md's OntoNotes, UNER, ReCoRD,
+NQ and MLDR are not included). `news_quick`, `paper_quick` or `SUITE,quick`: one learning rate,
+two seeds, few steps, short rows, at most 200 validation / test examples (smoke runs, the demo).
+Protocol defaults are PAPER.md's (the full suites score whole validation and test splits);
+every one is a key: `--config.learning_rates=1e-4,2e-4`.
 """
 
 import importlib.util
@@ -68,7 +70,7 @@ def get_config(arg: str = "news") -> ml_collections.ConfigDict:
     # A run is `diverged` if its loss goes non-finite or its best validation score is within
     # chance_margin (percentage points) of chance.
     c.chance_margin = 1.0
-    c.max_eval_examples = 2000  # per validation / test split (0 = all)
+    c.max_eval_examples = 0  # per validation / test split (0 = all: PAPER.md scores whole splits)
     c.max_train_examples = 0  # 0 = all
 
     # Data: news splits; paper tasks from TFDS (data_dir) or local files.

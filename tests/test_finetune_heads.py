@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mlm_vs_clm.config import load_config
-from mlm_vs_clm.finetune import grid, runner
+from mlm_vs_clm.finetune import grid, heads, runner
 from mlm_vs_clm.finetune.tasks import Task, featurize
 from mlm_vs_clm.model import ModelConfig, init_params
 
@@ -163,3 +163,24 @@ def test_attention_knob(env):
     np.testing.assert_allclose(causal[0], causal[1], atol=1e-5)  # the first token sees only itself
     bidi = _first_position_output(env, "bidirectional", a), _first_position_output(env, "bidirectional", b)
     assert np.abs(bidi[0] - bidi[1]).max() > 1e-4
+
+
+def test_retrieval_loss_masks_in_batch_columns_relevant_to_the_query(env):
+    tok, cfg, params = env
+    rows = [{"query": "paris", "document": "paris red river"}, {"query": "paris", "document": "paris blue stone"},
+            {"query": "rome", "document": "rome green cloud"}]
+    task = Task("r", "retrieval", {s: rows for s in ("train", "validation", "test")})
+    train = featurize(task, tok, 32, 16)["train"]["arrays"]
+    batch = {k: v[[0, 1, 2, 0]] for k, v in train.items()}  # row 0 twice: the data order wraps an epoch
+    model = heads.FinetuneModel(cfg, "retrieval")
+    p = {"encoder": params["encoder"]}
+    loss = float(heads.loss_fn(model, p, batch, 0.05))
+    q_BxD, d_BxD = (np.asarray(heads.forward(model, p, batch, prefix)) for prefix in ("q_", "d_"))
+    s_BxB = q_BxD @ d_BxD.T / 0.05
+
+    def ce(columns):  # mean over rows i of -log softmax(s[i, columns[i]]) at column i
+        return np.mean([np.log(np.exp(s_BxB[i, c]).sum()) - s_BxB[i, i] for i, c in enumerate(columns)])
+
+    # Columns 0, 1 and 3 hold paris documents: not negatives for the paris rows (0, 1, 3).
+    assert loss == pytest.approx(ce([[0, 2], [1, 2], [0, 1, 2, 3], [2, 3]]), rel=1e-5)
+    assert abs(loss - ce([[0, 1, 2, 3]] * 4)) > 1e-3  # the unmasked loss differs

@@ -50,3 +50,15 @@ def test_random_ranking_expectation():
     out = metrics.random_ranking_scores(4)
     assert out["ndcg@10"] == pytest.approx(25 * (1 + 1 / math.log2(3) + 0.5 + 1 / math.log2(5)))
     assert out["mrr@10"] == pytest.approx(25 * (1 + 1 / 2 + 1 / 3 + 1 / 4))
+
+
+def test_random_ranking_expectation_with_several_relevant_documents():
+    import itertools
+
+    # Exhaustive: every ordering of 5 documents, 2 of them relevant, equally likely (k=3).
+    orders = list(itertools.permutations(range(5)))
+    exact = [metrics.ranking_scores(-np.argsort(order)[None, :].astype(float), [{0, 1}], k=3) for order in orders]
+    expected = metrics.random_ranking_scores(5, k=3, num_relevant=2)
+    assert expected["ndcg@3"] == pytest.approx(np.mean([e["ndcg@3"] for e in exact]))
+    assert expected["mrr@3"] == pytest.approx(np.mean([e["mrr@3"] for e in exact]))
+    assert metrics.random_ranking_scores(5, num_relevant=5)["ndcg@10"] == pytest.approx(100.0)

@@ -162,3 +162,42 @@ def test_paper_tasks_from_tfds_mock_data(tok, name):
     assert (n_val == 40) if name == "conll2003" else (0 < n_val < 40 and len(task.splits["train"]) + n_val == 40)
     features = featurize(task, tok, 48)  # every mock example goes through the featuriser
     assert len(features["test"]["arrays"]["tokens"]) > 0
+
+
+def test_retrieval_groups_evaluation_rows_by_query(tok):
+    from mlm_vs_clm.finetune import metrics, runner
+
+    rows = [{"query": "where is paris", "document": "paris red river"},
+            {"query": "where is paris", "document": "paris blue stone"},  # a second relevant document
+            {"query": "where is rome", "document": "rome green cloud"},
+            {"query": "where is rome", "document": "rome green cloud"}]  # a repeated pair
+    task = Task("r", "retrieval", _splits(rows))
+    features = featurize(task, tok, 32, 16)
+    test = features["test"]
+    assert test["meta"]["relevant"] == [{0, 1}, {2}] and len(test["arrays"]["q_tokens"]) == 2
+    oracle = np.array([[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]])  # ranks every relevant document first
+    assert metrics.ranking_scores(oracle, test["meta"]["relevant"])["ndcg@10"] == pytest.approx(100.0)
+    expected = np.mean([metrics.random_ranking_scores(3, num_relevant=n)["ndcg@10"] for n in (2, 1)])
+    assert runner.chance_score(task, features) == pytest.approx(expected)
+    # Training keeps one pair per row and lists every document of the row's query.
+    train = features["train"]["arrays"]
+    assert len(train["q_tokens"]) == len(train["d_tokens"]) == 4
+    assert train["doc_id"].tolist() == [0, 1, 2, 2]
+    assert train["relevant_ids"].tolist() == [[0, 1], [0, 1], [2, -1], [2, -1]]
+    np.testing.assert_array_equal(train["q_tokens"][0], train["q_tokens"][1])
+
+
+def test_rows_missing_a_required_field_are_named(tmp_path):
+    with pytest.raises(ValueError, match=r"^task r: validation row 2: missing field 'document'"):
+        Task("r", "retrieval", {"train": [{"query": "a", "document": "b"}],
+                                "validation": [{"query": "a", "document": "b"}, {"query": "a"}],
+                                "test": [{"query": "a", "document": "b"}]})
+    with pytest.raises(ValueError, match=r"^task q: test row 1: missing field 'answers'"):
+        ok = {"question": "q", "context": "c", "answers": []}
+        Task("q", "qa", {"train": [ok], "validation": [ok], "test": [{"question": "q", "context": "c"}]}, unanswerable=True)
+    rows = [{"text": "good", "label": 1}, {"text": "bad"}]
+    (tmp_path / "sst2").mkdir()
+    for split in ("train", "validation", "test"):
+        (tmp_path / "sst2" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"^data: .*sst2/train\.jsonl row 2: missing field 'label'"):
+        paper.load_task("sst2", _data_cfg(str(tmp_path)))

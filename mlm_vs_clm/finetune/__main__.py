@@ -2,6 +2,8 @@
 
 Fine-tunes every checkpoint on every task of the suite over the learning-rate x seed grid and
 writes DIR/results.json, DIR/results.md and DIR/scores.png; rerunning skips finished runs.
+Bad input (config, checkpoint, task files, a workdir made with other settings) is found before
+any work and stops with status 2 and one line starting "finetune: ".
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ def _tasks(ft):
 def main(argv) -> int:
     del argv
     from mlm_vs_clm import host_memory
+    from mlm_vs_clm.checkpoint import CheckpointError, read_config, resolve_step_dir
     from mlm_vs_clm.config import ConfigError
     from mlm_vs_clm.distributed import enable_compilation_cache
 
@@ -73,8 +76,11 @@ def main(argv) -> int:
         missing = [p for p in paths if not os.path.exists(p)]
         if missing:
             raise ConfigError(f"config: checkpoint path(s) not found: {', '.join(missing)}")
+        for p in paths:  # a folder without a checkpoint, or one without its config
+            read_config(resolve_step_dir(p))
+        grid.check_workdir(ft, FLAGS.workdir)
         tasks = _tasks(ft)
-    except (ConfigError, ValueError) as e:
+    except (ConfigError, ValueError, CheckpointError) as e:
         print(f"finetune: {e}", file=sys.stderr)
         return 2
     checkpoints = [grid.Checkpoint(p, _loader(p)) for p in paths]
@@ -86,6 +92,9 @@ def main(argv) -> int:
     os.makedirs(FLAGS.workdir, exist_ok=True)
     try:
         runs = grid.run_grid(ft, checkpoints, tasks, FLAGS.workdir, progress=progress)
+    except CheckpointError as e:  # a checkpoint that does not fit its model (finished runs are kept)
+        print(f"finetune: {e}", file=sys.stderr)
+        return 2
     except ValueError as e:
         print(f"finetune: {e}", file=sys.stderr)
         return 1

@@ -2,12 +2,15 @@
 
 Every finished run is appended to DIR/results.json at once (keyed by task, checkpoint,
 learning rate and seed); a rerun skips the keys it finds there. A checkpoint is loaded only
-if one of its runs is still missing.
+if one of its runs is still missing. The config is stored beside the runs, and a rerun whose
+result-affecting settings (every key but RERUN_FREE_KEYS) differ from it is refused.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import time
 from typing import Callable
 
@@ -95,12 +98,52 @@ def task_names(ft, known) -> list:
     return names
 
 
+# Keys a rerun in the same workdir may change: the grid's axes (each run records its own task,
+# checkpoint, learning rate and seed) and how the grid is executed. Every other key changes results.
+RERUN_FREE_KEYS = ("learning_rates", "seeds", "checkpoint", "checkpoints", "tasks", "progress", "mesh")
+
+
+def _result_settings(config: dict) -> dict:
+    """Dotted key -> value (as JSON stores it) of every result-affecting key."""
+    flat = {}
+
+    def walk(node, prefix):
+        for k, v in node.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            elif f"{prefix}{k}".split(".")[0] not in RERUN_FREE_KEYS:
+                flat[prefix + k] = v
+
+    walk(json.loads(json.dumps(config)), "")
+    return flat
+
+
+def check_workdir(ft, workdir: str) -> None:
+    """Raise ConfigError if DIR/results.json was made with other result-affecting settings
+    (its finished runs would be reused as if made with these). A results.json without a stored
+    config (an older one) is accepted."""
+    stored = report.load_config(workdir)
+    if not stored:
+        return
+    old, new = _result_settings(stored), _result_settings(ft.to_dict())
+    changed = sorted(k for k in old.keys() | new.keys() if k not in old or k not in new or old[k] != new[k])
+    if changed:
+        def show(settings):
+            return ", ".join(f"{k}={settings.get(k, '(unset)')}" for k in changed)
+
+        raise ConfigError(
+            f"{os.path.join(workdir, report.RESULTS_JSON)} was made with {show(old)}; this config has "
+            f"{show(new)}: use a new --workdir"
+        )
+
+
 def _with_dtype(model_cfg: ModelConfig, dtype: str) -> ModelConfig:
     return dataclasses.replace(model_cfg, dtype=dtype) if dtype else model_cfg
 
 
 def run_grid(ft, checkpoints: list, tasks: list, workdir: str, mesh=None, progress=None) -> list:
     """Run every missing (task, checkpoint, lr, seed) and return all runs of the grid."""
+    check_workdir(ft, workdir)
     mesh = mesh or sharding.make_mesh(ft.mesh)
     runs = report.load_runs(workdir)
     done = {report.run_key(r["task"], r["checkpoint"], r["lr"], r["seed"]) for r in runs}

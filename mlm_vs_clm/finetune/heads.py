@@ -104,6 +104,9 @@ def loss_fn(model: FinetuneModel, params, batch, temperature: float = 0.05) -> j
         d_BxD = forward(model, params, batch, "d_")
         scores_BxB = q_BxD @ d_BxD.T / temperature  # in-batch negatives: row i's positive is column i
         labels_B = jnp.arange(scores_BxB.shape[0])
+        if "relevant_ids" in batch:  # a column j != i whose document is relevant to query i is no negative
+            relevant_BxB = (batch["relevant_ids"][:, None, :] == batch["doc_id"][None, :, None]).any(-1)
+            scores_BxB = jnp.where(relevant_BxB & (labels_B[:, None] != labels_B[None, :]), NEG_INF, scores_BxB)
         return _ce(scores_BxB, labels_B, jnp.ones(scores_BxB.shape[:1], jnp.float32))
     raise ValueError(f"unknown task kind {kind!r}")
 

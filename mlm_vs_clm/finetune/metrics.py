@@ -97,10 +97,15 @@ def ranking_scores(scores_QxC: np.ndarray, relevant: Sequence[set], k: int = 10)
     return {f"ndcg@{k}": 100.0 * ndcg / n, f"mrr@{k}": 100.0 * mrr / n}
 
 
-def random_ranking_scores(num_docs: int, k: int = 10) -> dict:
-    """Expected NDCG@k / MRR@k of a random ranking with one relevant document among num_docs."""
-    p = 1.0 / max(num_docs, 1)
-    ranks = range(min(k, num_docs))
-    ndcg = 100.0 * p * sum(1 / math.log2(r + 2) for r in ranks)
-    mrr = 100.0 * p * sum(1 / (r + 1) for r in ranks)
-    return {f"ndcg@{k}": ndcg, f"mrr@{k}": mrr}
+def random_ranking_scores(num_docs: int, k: int = 10, num_relevant: int = 1) -> dict:
+    """Expected NDCG@k / MRR@k of a random ranking of num_docs documents, num_relevant of them
+    relevant (one query)."""
+    n, r = max(num_docs, 1), min(max(num_relevant, 1), max(num_docs, 1))
+    ranks = range(min(k, n))
+    ideal = sum(1 / math.log2(i + 2) for i in range(min(r, k)))
+    ndcg = 100.0 * (r / n) * sum(1 / math.log2(i + 2) for i in ranks) / ideal  # P(relevant at rank i) = r/n
+    mrr, none_before = 0.0, 1.0  # P(first relevant at rank i) = P(none before i) * r / (n - i)
+    for i in ranks:
+        mrr += none_before * r / (n - i) / (i + 1)
+        none_before *= (n - i - r) / (n - i)
+    return {f"ndcg@{k}": ndcg, f"mrr@{k}": 100.0 * mrr}

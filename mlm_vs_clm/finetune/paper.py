@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 
-from mlm_vs_clm.finetune.tasks import SPLITS, Task
+from mlm_vs_clm.finetune.tasks import SPLITS, Task, check_fields
 
 CONLL_TAGS = ("O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC")
 
@@ -77,19 +77,26 @@ def _held_out(index: int) -> bool:
     return int.from_bytes(hashlib.sha256(str(index).encode()).digest()[:4], "big") % 20 == 0
 
 
-def read_local(path_prefix: str) -> list:
-    """Rows of `PREFIX.jsonl` or `PREFIX.parquet` (one dict per example)."""
+def read_local(path_prefix: str, kind: str = "") -> list:
+    """Rows of `PREFIX.jsonl` or `PREFIX.parquet` (one dict per example); with `kind`, every
+    row is checked for the fields that kind needs (tasks.REQUIRED)."""
     if os.path.isfile(path_prefix + ".jsonl"):
-        with open(path_prefix + ".jsonl", encoding="utf-8") as f:
+        path = path_prefix + ".jsonl"
+        with open(path, encoding="utf-8") as f:
             try:
-                return [json.loads(line) for line in f if line.strip()]
+                rows = [json.loads(line) for line in f if line.strip()]
             except json.JSONDecodeError as e:
-                raise ValueError(f"data: {path_prefix}.jsonl is not valid JSONL ({e})") from e
-    if os.path.isfile(path_prefix + ".parquet"):
+                raise ValueError(f"data: {path} is not valid JSONL ({e})") from e
+    elif os.path.isfile(path_prefix + ".parquet"):
         import pyarrow.parquet as pq
 
-        return pq.read_table(path_prefix + ".parquet").to_pylist()
-    raise ValueError(f"data: neither {path_prefix}.jsonl nor {path_prefix}.parquet exists")
+        path = path_prefix + ".parquet"
+        rows = pq.read_table(path).to_pylist()
+    else:
+        raise ValueError(f"data: neither {path_prefix}.jsonl nor {path_prefix}.parquet exists")
+    if kind:
+        check_fields(kind, rows, f"data: {path}")
+    return rows
 
 
 def _limit(rows, n):
@@ -102,7 +109,7 @@ def load_task(name: str, data_cfg, max_train: int = 0, max_eval: int = 0) -> Tas
     kind, labels, tfds_name, train_split, test_split, convert = SPECS[name]
     local = os.path.join(data_cfg.local_dir, name) if data_cfg.local_dir else ""
     if local and os.path.isdir(local):
-        splits = {s: read_local(os.path.join(local, s)) for s in SPLITS}
+        splits = {s: read_local(os.path.join(local, s), kind) for s in SPLITS}
         source = local
     elif tfds_name is None:
         raise ValueError(f"data: task {name} is read from local files only; put them under data.local_dir/{name}/")

@@ -1,11 +1,17 @@
 """Results of a fine-tuning grid: DIR/results.json (every run), DIR/results.md (the table),
 DIR/scores.png (score distributions per checkpoint).
 
-The table, per task and checkpoint: the best learning rate (highest mean validation score
-over seeds), the test score at that learning rate as mean +- std over seeds, and the spread
-across learning rates (min-max of the per-LR mean test scores, and the std over all runs),
-so stability is reported next to the best score. Diverged runs are counted; their scores stay
-in the spread (a run stuck at chance is part of the instability) unless they have none.
+The table, per task and checkpoint: the best learning rate, the test score at that learning
+rate as mean +- std over seeds, and the spread across learning rates (min-max of the per-LR
+mean test scores, and the std over all runs), so stability is reported next to the best score.
+
+The best learning rate: a run without a score (its loss went non-finite before any
+validation) counts against its rate, so rates are ranked first by their share of runs without
+a score (a rate whose seeds all have scores beats any rate with a failed seed), then by the
+mean validation score of their scored seeds, then the smaller rate. A rate where 4 of 5 seeds
+failed cannot win on its one survivor. When every rate has a failed seed, the test cell says
+how many seeds the mean covers ("(1 of 5 seeds)"). Diverged runs are counted; their scores
+stay in the spread (a run stuck at chance is part of the instability) unless they have none.
 """
 
 from __future__ import annotations
@@ -25,15 +31,27 @@ def run_key(task: str, checkpoint: str, lr: float, seed: int) -> str:
     return f"{task}|{checkpoint}|{lr:g}|{seed}"
 
 
-def load_runs(workdir: str) -> list:
+def _load(workdir: str) -> dict:
     path = os.path.join(workdir, RESULTS_JSON)
     if not os.path.isfile(path):
-        return []
+        return {}
     with open(path) as f:
         try:
-            return json.load(f)["runs"]
-        except (json.JSONDecodeError, KeyError) as e:
+            results = json.load(f)
+        except json.JSONDecodeError as e:
             raise ValueError(f"results: {path} is not a results file ({e}); move it away to start afresh") from e
+    if not isinstance(results, dict) or "runs" not in results:
+        raise ValueError(f"results: {path} is not a results file (no 'runs'); move it away to start afresh")
+    return results
+
+
+def load_runs(workdir: str) -> list:
+    return _load(workdir).get("runs", [])
+
+
+def load_config(workdir: str) -> dict:
+    """The fine-tuning config stored with the runs ({} when none was: an older results.json)."""
+    return _load(workdir).get("config") or {}
 
 
 def save_runs(workdir: str, runs: list, config_json: dict | None = None) -> None:
@@ -61,14 +79,20 @@ def summarize(runs: list) -> list:
         for r in group:
             by_lr[r["lr"]].append(r)
 
+        def scored(rs, key):
+            return [r[key] for r in rs if r[key] is not None]
+
         def mean_of(rs, key):
-            vals = [r[key] for r in rs if r[key] is not None]
+            vals = scored(rs, key)
             return float(np.mean(vals)) if vals else float("nan")
 
-        lr_val = {lr: mean_of(rs, "best_validation") for lr, rs in by_lr.items()}
-        valid = {lr: v for lr, v in lr_val.items() if np.isfinite(v)}
-        best_lr = max(valid, key=lambda lr: (valid[lr], -lr)) if valid else None
-        best_tests = [r["test"] for r in by_lr.get(best_lr, []) if r["test"] is not None]
+        rank = {  # smaller is better: share of runs without a score, -mean validation, lr (module docstring)
+            lr: (1 - len(scored(rs, "best_validation")) / len(rs), -mean_of(rs, "best_validation"), lr)
+            for lr, rs in by_lr.items()
+            if scored(rs, "best_validation")
+        }
+        best_lr = min(rank, key=rank.get) if rank else None
+        best_tests = scored(by_lr.get(best_lr, []), "test")
         lr_tests = [mean_of(rs, "test") for rs in by_lr.values()]
         lr_tests = [t for t in lr_tests if np.isfinite(t)]
         all_tests = [r["test"] for r in group if r["test"] is not None]
@@ -80,7 +104,9 @@ def summarize(runs: list) -> list:
                 "best_lr": best_lr,
                 "test_mean": float(np.mean(best_tests)) if best_tests else float("nan"),
                 "test_std": float(np.std(best_tests)) if best_tests else float("nan"),
-                "validation_mean": valid.get(best_lr, float("nan")) if best_lr is not None else float("nan"),
+                "validation_mean": mean_of(by_lr[best_lr], "best_validation") if best_lr is not None else float("nan"),
+                "best_lr_runs": len(by_lr.get(best_lr, [])),  # seeds run at the best rate
+                "best_lr_scored": len(best_tests),  # of which with a test score
                 "lr_min": min(lr_tests) if lr_tests else float("nan"),
                 "lr_max": max(lr_tests) if lr_tests else float("nan"),
                 "all_std": float(np.std(all_tests)) if all_tests else float("nan"),
@@ -101,10 +127,17 @@ def markdown(runs: list) -> str:
         lines.append(
             f"| {row['task']} | {row['metric']} | {checkpoint_label(row['checkpoint'])} | "
             f"{'-' if row['best_lr'] is None else format(row['best_lr'], 'g')} | "
-            f"{_fmt(row['test_mean'])} ± {_fmt(row['test_std'])} | {_fmt(row['validation_mean'])} | "
+            f"{_fmt(row['test_mean'])} ± {_fmt(row['test_std'])}{_coverage(row)} | {_fmt(row['validation_mean'])} | "
             f"{_fmt(row['lr_min'])}–{_fmt(row['lr_max'])} | {_fmt(row['all_std'])} | {row['runs']} | {row['diverged']} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _coverage(row) -> str:
+    """' (k of n seeds)' when seeds at the best rate have no test score, else ''."""
+    if row["best_lr_scored"] == row["best_lr_runs"]:
+        return ""
+    return f" ({row['best_lr_scored']} of {row['best_lr_runs']} seeds)"
 
 
 def checkpoint_label(path: str) -> str:

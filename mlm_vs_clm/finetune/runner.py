@@ -199,7 +199,8 @@ def chance_score(task: Task, features: dict) -> float:
         golds = meta["gold_answers"]
         return 100.0 * sum(not g for g in golds) / len(golds) if task.unanswerable else 0.0
     if task.kind == "retrieval":
-        return metrics.random_ranking_scores(len(meta["corpus"]["tokens"]))["ndcg@10"]
+        docs = len(meta["corpus"]["tokens"])
+        return float(np.mean([metrics.random_ranking_scores(docs, 10, len(rel))["ndcg@10"] for rel in meta["relevant"]]))
     return 0.0
 
 

@@ -5,8 +5,13 @@ Example schemas (the same fields are read from local JSONL/Parquet files, see do
   token_classification  {"words": [str], "tags": [str]}        (BIO tags, e.g. B-PER)
   qa                    {"id": str, "question": str, "context": str,
                          "answers": [{"text": str, "start": int}]}   ([] = unanswerable)
-  retrieval             {"query": str, "document": str}        (the evaluation corpus of a
-                         split is the set of its distinct documents)
+  retrieval             {"query": str, "document": str}        (one relevant pair per row)
+
+Every split is checked for the fields its kind needs (REQUIRED) when a Task is made.
+Retrieval evaluation groups the rows of a split by query text: one query per distinct text,
+relevant = all of its documents; the corpus is the split's distinct documents. Training keeps
+one (query, document) pair per row, and the in-batch loss masks every column whose document
+is relevant to the row's query (another positive of the same query, or the same document).
 
 Every row is one segment: [bos] text [eos] (pairs: [bos] a [eos] b [eos]; QA: [bos] question
 [eos] context [eos]), right-padded with segment id 0. Words are tokenised one at a time, which
@@ -24,6 +29,12 @@ import numpy as np
 
 KINDS = ("classification", "token_classification", "qa", "retrieval")
 MAIN_METRIC = {"classification": "accuracy", "token_classification": "entity_f1", "qa": "f1", "retrieval": "ndcg@10"}
+REQUIRED = {
+    "classification": ("text", "label"),
+    "token_classification": ("words", "tags"),
+    "qa": ("question", "context", "answers"),
+    "retrieval": ("query", "document"),
+}
 IGNORE = -100  # label of positions that carry no loss (padding, non-first sub-tokens)
 SPLITS = ("train", "validation", "test")
 
@@ -45,6 +56,8 @@ class Task:
             raise ValueError(f"task {self.name}: split(s) {missing} are missing or empty")
         if self.kind in ("classification", "token_classification") and not self.labels:
             raise ValueError(f"task {self.name}: a {self.kind} task needs its labels")
+        for split in SPLITS:
+            check_fields(self.kind, self.splits[split], f"task {self.name}: {split}")
 
     @property
     def metric(self) -> str:
@@ -55,6 +68,18 @@ class Task:
         return {"classification": len(self.labels), "token_classification": len(self.labels), "qa": 2}.get(
             self.kind, 0
         )
+
+
+def check_fields(kind: str, rows: list, where: str) -> None:
+    """Raise ValueError naming `where`, the row (1-based) and the field when a row lacks a
+    field that `kind` needs (None counts as missing: a null Parquet cell)."""
+    needs = ", ".join(REQUIRED[kind])
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise ValueError(f"{where} row {i + 1}: not an object but {type(row).__name__}")
+        for field in REQUIRED[kind]:
+            if row.get(field) is None:
+                raise ValueError(f"{where} row {i + 1}: missing field {field!r} (a {kind} row needs {needs})")
 
 
 def pack_rows(rows: list, length: int) -> dict:
@@ -225,19 +250,33 @@ def decode_spans(start_NxL, end_NxL, context_mask_NxL, offsets_NxLx2, contexts, 
 
 
 def _retrieval(task, examples, tok, pieces, max_len, qlen, train):
-    doc_index, docs, queries, relevant = {}, [], [], []
+    doc_index, docs, query_index, queries, relevant = {}, [], {}, [], []
+    pair_docs, pair_queries = [], []  # per row
     for ex in examples:
-        d = ex["document"]
+        d, q = ex["document"], ex["query"]
         if d not in doc_index:
             doc_index[d] = len(docs)
             docs.append([tok.bos_id] + list(tok.encode(d))[: max_len - 2] + [tok.eos_id])
-        queries.append([tok.bos_id] + list(tok.encode(ex["query"]))[: qlen - 2] + [tok.eos_id])
-        relevant.append(doc_index[d])
+        if q not in query_index:
+            query_index[q] = len(queries)
+            queries.append([tok.bos_id] + list(tok.encode(q))[: qlen - 2] + [tok.eos_id])
+            relevant.append(set())
+        relevant[query_index[q]].add(doc_index[d])
+        pair_docs.append(doc_index[d])
+        pair_queries.append(query_index[q])
     q = pack_rows(queries, qlen)
     d = pack_rows(docs, max_len)
-    doc_rows = np.asarray(relevant, np.int32)
-    arrays = {"q_" + k: v for k, v in q.items()}
-    # Training pairs: the document of each query, row-aligned with the queries.
-    arrays.update({"d_" + k: v[doc_rows] for k, v in d.items()})
-    meta = {"corpus": d, "relevant": [{r} for r in relevant]}
+    meta = {"corpus": d, "relevant": relevant}
+    if not train:  # one row per distinct query, scored against the whole corpus
+        return {"arrays": {"q_" + k: v for k, v in q.items()}, "meta": meta}
+    # Training pairs, one per row: the query and its document, row-aligned; `relevant_ids`
+    # [N, most documents of a query] lists every document of the row's query (-1 pads) so that
+    # the in-batch loss can mask the columns that are not negatives.
+    pair_docs, pair_queries = np.asarray(pair_docs, np.int32), np.asarray(pair_queries, np.int32)
+    relevant_ids = np.full((len(relevant), max(map(len, relevant))), -1, np.int32)
+    for i, rel in enumerate(relevant):
+        relevant_ids[i, : len(rel)] = sorted(rel)
+    arrays = {"q_" + k: v[pair_queries] for k, v in q.items()}
+    arrays.update({"d_" + k: v[pair_docs] for k, v in d.items()})
+    arrays.update(doc_id=pair_docs, relevant_ids=relevant_ids[pair_queries])
     return {"arrays": arrays, "meta": meta}
