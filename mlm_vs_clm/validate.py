@@ -45,6 +45,9 @@ def validate(config, num_devices: int, resuming: bool = False) -> None:
     _require(o.learning_rate > 0, "optimizer.learning_rate", "must be positive")
     _require(0 <= o.warmup_fraction < 1 and 0 <= o.decay_fraction <= 1, "optimizer.warmup_fraction",
              "warmup and decay fractions must be in [0, 1)")
+    _require(o.schedule != "wsd" or o.warmup_fraction + o.decay_fraction <= 1, "optimizer.decay_fraction",
+             f"warmup_fraction {o.warmup_fraction} + decay_fraction {o.decay_fraction} exceed 1: the decay "
+             "would not reach its floor by train.steps")
     try:
         schedules.objective_schedule(config.objective, t.steps, config.mlm.mask_ratio)
     except ValueError as e:

@@ -294,6 +294,7 @@ def test_non_finite_steps_are_skipped_then_stop(corpus, tmp_path, monkeypatch):
     ("train.max_bad_steps", 0, "train.max_bad_steps"),
     ("train.eval_batches", 0, "train.eval_batches"),
     ("train.keep", 0, "train.keep"),
+    ("optimizer.decay_fraction", 0.98, "optimizer.decay_fraction"),
 ])
 def test_invalid_configs_are_named(key, value, message):
     config = load_config("configs/pretrain.py:tiny", {key: value, "train.batch_size": 8} if key != "train.batch_size"
