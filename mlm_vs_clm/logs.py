@@ -22,7 +22,9 @@ class MetricsWriter:
         try:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+            # On resume, TensorBoard drops the earlier events past the restored step, which the
+            # run writes again (as metrics.jsonl's records, cut back below).
+            self._tb = SummaryWriter(os.path.join(workdir, "tb"), purge_step=resume_step + 1 if resume_step else None)
         except ImportError:  # pragma: no cover - tensorboardX is a dependency
             self._tb = None
         if progress and total_steps:
@@ -31,14 +33,27 @@ class MetricsWriter:
             self._bar = tqdm(total=total_steps, initial=resume_step, unit="step", dynamic_ncols=True)
 
     def _truncate_after(self, step: int):
-        """On resume, records past the restored step are dropped: the run writes them again."""
+        """On resume, records past the restored step are dropped: the run writes them again. A
+        line that does not parse (a write cut short by a crash or a full disk) is dropped with a
+        warning. The file is replaced in one step, so a crash here loses nothing."""
         with open(self.path) as f:
-            lines = [ln for ln in f if ln.strip()]
-        kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= step]
+            lines = [ln if ln.endswith("\n") else ln + "\n" for ln in f if ln.strip()]
+        records, broken = [], 0
+        for ln in lines:
+            try:
+                records.append((ln, json.loads(ln)))
+            except json.JSONDecodeError:
+                broken += 1
+        kept = [ln for ln, r in records if r.get("step", 0) <= step]
+        if broken:
+            print(f"warning: {self.path}: {broken} unreadable line(s) dropped (a write cut short)", flush=True)
         if len(kept) != len(lines):
-            print(f"resuming at step {step}: {len(lines) - len(kept)} later metric records will be rewritten")
-            with open(self.path, "w") as f:
+            if len(records) != len(kept):
+                print(f"resuming at step {step}: {len(records) - len(kept)} later metric records will be rewritten")
+            tmp = f"{self.path}.tmp{os.getpid()}"
+            with open(tmp, "w") as f:
                 f.writelines(kept)
+            os.replace(tmp, self.path)
 
     def write(self, record: dict):
         if not self.enabled:
