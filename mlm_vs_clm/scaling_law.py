@@ -16,18 +16,28 @@ Exponents are kept in [0.01, 3]; a parameter that ends on its bound is reported 
 `at_bound` (its interval then means little).
 
 Confidence intervals. From the Jacobian J of the residuals at the optimum:
-cov(theta) = s^2 (J^T J)^-1 with s^2 = sum r_i^2 / (n - 5), and 95 % intervals
-theta +- t_{0.975, n-5} * se, the usual linearised least-squares intervals (the Huber loss is
-treated as least squares here, exact when no residual exceeds 1 %). E, A and B get their
-interval in log space, exponentiated (so it stays positive and is asymmetric); their
-standard error is the delta-method one, value * se(log value).
+cov(theta) = s^2 (J^T J)^-1 with s^2 = sum r_i^2 / (n - 5), computed from the singular values
+of J (cov = s^2 V S^-2 V^T), and 95 % intervals theta +- t_{0.975, n-5} * se, the usual
+linearised least-squares intervals (the Huber loss is treated as least squares here, exact
+when no residual exceeds 1 %). E, A and B get their interval in log space, exponentiated (so it
+stays positive and is asymmetric); their standard error is the delta-method one,
+value * se(log value). When J has rank below 5 (its smallest singular value under 1e-10 of
+the largest) or a variance is not positive, the points do not determine the law and the fit
+is refused (`NoFit`, one line): a covariance from a near-singular J^T J would give
+meaningless, even zero-width, intervals.
 
 Identifiability. With two distinct model sizes A / N^alpha takes two values, so E, A and alpha
-cannot be told apart (likewise B, beta with two token counts): a fit needs >= 3 distinct N,
->= 3 distinct D and >= 6 points (5 parameters and one degree of freedom for the errors).
+cannot be told apart (likewise B, beta with two token counts); seeds repeat a point and add
+no information on the shape. A fit needs >= 3 distinct N, >= 3 distinct D and >= 6 distinct
+(N, D) pairs (5 parameters and one degree of freedom for the errors).
 
 Frontier. With training compute approximated as C = 6 N D, minimising L(N, C / (6 N)) gives
 N_opt = G (C/6)^(beta/(alpha+beta)), D_opt = C / (6 N_opt), G = (alpha A / (beta B))^(1/(alpha+beta)).
+Each frontier value gets a 95 % interval by the delta method: the gradient of log N_opt,
+log D_opt and L with respect to theta (central differences) against cov(theta), with the
+fit's t quantile (log N_opt and log D_opt are exponentiated, so those intervals are
+asymmetric). A row is marked `extrapolated` when its C lies outside the 6 N D of the fitted
+points or its N_opt outside their N: there the law is only a guess, whatever its interval.
 """
 
 from __future__ import annotations
@@ -38,14 +48,19 @@ import itertools
 import numpy as np
 
 PARAMS = ("E", "A", "alpha", "B", "beta")
-MIN_POINTS = 6
-MIN_DISTINCT = 3
+MIN_PAIRS = 6  # distinct (N, D)
+MIN_DISTINCT = 3  # distinct N, distinct D
+RANK_TOL = 1e-10  # smallest / largest singular value of J below this: rank-deficient
 HUBER_SCALE = 0.01
 EXPONENT_BOUNDS = (0.01, 3.0)
 
 
-class TooFewPoints(ValueError):
-    """The points cannot determine the five parameters; the message says why."""
+class NoFit(ValueError):
+    """The points do not determine the five parameters; the one-line message says why."""
+
+
+class TooFewPoints(NoFit):
+    """Too few points, distinct sizes, token counts or (N, D) pairs."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +77,10 @@ class LawFit:
     n_sizes: int
     n_token_counts: int
     at_bound: tuple = ()
+    cov: tuple = ()  # 5 x 5 covariance of theta = (log E, log A, alpha, log B, beta)
+    N_range: tuple = ()  # (min, max) of the fitted points' N
+    C_range: tuple = ()  # (min, max) of the fitted points' 6 N D
+    t95: float = float("nan")  # the t quantile of the intervals
 
     def predict(self, N, D) -> np.ndarray:
         N, D = np.asarray(N, float), np.asarray(D, float)
@@ -71,18 +90,21 @@ class LawFit:
         out = {k: getattr(self, k) for k in PARAMS}
         out.update(se=dict(self.se), ci95={k: list(v) for k, v in self.ci95.items()}, rmse=self.rmse,
                    n_points=self.n_points, n_sizes=self.n_sizes, n_token_counts=self.n_token_counts,
-                   at_bound=list(self.at_bound))
+                   at_bound=list(self.at_bound), cov=[list(r) for r in self.cov], N_range=list(self.N_range),
+                   C_range=list(self.C_range))
         return out
 
 
 def check_points(N, D, L) -> None:
-    """Raises TooFewPoints naming the shortfall (points, distinct sizes, distinct token counts)."""
-    n, ns, nd = len(L), len(set(np.asarray(N).tolist())), len(set(np.asarray(D).tolist()))
-    if n >= MIN_POINTS and ns >= MIN_DISTINCT and nd >= MIN_DISTINCT:
+    """Raises TooFewPoints naming the shortfall (points, distinct (N, D) pairs, sizes, token counts)."""
+    N, D = np.asarray(N).tolist(), np.asarray(D).tolist()
+    n, npairs, ns, nd = len(L), len(set(zip(N, D))), len(set(N)), len(set(D))
+    if npairs >= MIN_PAIRS and ns >= MIN_DISTINCT and nd >= MIN_DISTINCT:
         return
-    raise TooFewPoints(f"{n} point{'s' * (n != 1)}, {ns} distinct model size{'s' * (ns != 1)}, {nd} distinct "
-                       f"token count{'s' * (nd != 1)}: need >= {MIN_DISTINCT} sizes, >= {MIN_DISTINCT} token "
-                       f"counts and >= {MIN_POINTS} points to fit 5 parameters")
+    raise TooFewPoints(f"{n} point{'s' * (n != 1)} at {npairs} distinct (N, D) pair{'s' * (npairs != 1)}, "
+                       f"{ns} distinct model size{'s' * (ns != 1)}, {nd} distinct token count{'s' * (nd != 1)}: need >= "
+                       f"{MIN_DISTINCT} sizes, >= {MIN_DISTINCT} token counts and >= {MIN_PAIRS} distinct (N, D) "
+                       "pairs to fit 5 parameters")
 
 
 def _terms(theta, logN, logD):
@@ -148,11 +170,17 @@ def fit_law(N, D, L) -> LawFit:
     J = _jacobian(theta, logN, logD, logL)
     dof = len(L) - len(PARAMS)
     s2 = float(np.sum(r**2) / dof)
-    try:
-        cov_5x5 = s2 * np.linalg.inv(J.T @ J)
-        se_theta = np.sqrt(np.clip(np.diag(cov_5x5), 0.0, None))
-    except np.linalg.LinAlgError:
-        se_theta = np.full(len(PARAMS), np.inf)
+    _, sv, Vt_5x5 = np.linalg.svd(J, full_matrices=False)
+    rank = int(np.sum(sv > RANK_TOL * sv[0]))
+    if rank < len(PARAMS):
+        raise NoFit(f"the law's Jacobian at the fit has rank {rank} < 5 (condition number {sv[0] / sv[-1]:.3g}): "
+                    "these points do not determine E, A, alpha, B and beta; add model sizes or token counts")
+    cov_5x5 = s2 * (Vt_5x5.T / sv**2) @ Vt_5x5
+    var = np.diag(cov_5x5)
+    if not np.all(np.isfinite(var) & (var > 0)):
+        raise NoFit(f"no error estimate: parameter variances {var.tolist()} are not all positive "
+                    f"(residual variance {s2:.3g})")
+    se_theta = np.sqrt(var)
     t = float(stats.t.ppf(0.975, dof))
     value, se, ci = {}, {}, {}
     for i, name in enumerate(PARAMS):
@@ -167,18 +195,45 @@ def fit_law(N, D, L) -> LawFit:
                 ci[name] = (float(np.exp(theta[i] - t * se_theta[i])), float(np.exp(theta[i] + t * se_theta[i])))
     at_bound = tuple(name for name, active in zip(PARAMS, best.active_mask) if active != 0)
     fit = LawFit(**value, se=se, ci95=ci, rmse=0.0, n_points=len(L), n_sizes=len(set(N.tolist())),
-                 n_token_counts=len(set(D.tolist())), at_bound=at_bound)
+                 n_token_counts=len(set(D.tolist())), at_bound=at_bound, cov=tuple(map(tuple, cov_5x5.tolist())),
+                 N_range=(float(N.min()), float(N.max())), C_range=(float((6 * N * D).min()), float((6 * N * D).max())),
+                 t95=t)
     return dataclasses.replace(fit, rmse=float(np.sqrt(np.mean((fit.predict(N, D) - L) ** 2))))
 
 
+def _frontier_at(theta, K):
+    """(log N_opt, log D_opt, L) at K = C / 6 for theta = (log E, log A, alpha, log B, beta)."""
+    e, a, alpha, b, beta = theta
+    log_G = (np.log(alpha) + a - np.log(beta) - b) / (alpha + beta)
+    log_N = log_G + beta / (alpha + beta) * np.log(K)
+    log_D = np.log(K) - log_N
+    return np.stack([log_N, log_D, np.exp(e) + np.exp(a - alpha * log_N) + np.exp(b - beta * log_D)])
+
+
 def frontier(fit: LawFit, C) -> dict:
-    """Compute-optimal N, D and the predicted loss at compute C, with C = 6 N D."""
+    """Compute-optimal N, D and the predicted loss at compute C, with C = 6 N D; with the fit's
+    covariance also their 95 % intervals (`N_opt_ci95` ...: rows of (low, high), delta method)
+    and `extrapolated` (C or N_opt outside the fitted points)."""
     C = np.asarray(C, float)
-    K = C / 6.0
-    G = (fit.alpha * fit.A / (fit.beta * fit.B)) ** (1.0 / (fit.alpha + fit.beta))
-    N_opt = G * K ** (fit.beta / (fit.alpha + fit.beta))
-    D_opt = K / N_opt
-    return {"C": C, "N_opt": N_opt, "D_opt": D_opt, "L": fit.predict(N_opt, D_opt)}
+    theta = np.array([np.log(fit.E), np.log(fit.A), fit.alpha, np.log(fit.B), fit.beta])
+    log_N, log_D, L = _frontier_at(theta, C / 6.0)
+    out = {"C": C, "N_opt": np.exp(log_N), "D_opt": np.exp(log_D), "L": L}
+    if not fit.cov:
+        return out
+    h = 1e-6 * np.maximum(1.0, np.abs(theta))
+    grad_5x3xC = np.stack([(_frontier_at(theta + h[i] * np.eye(5)[i], C / 6.0)
+                            - _frontier_at(theta - h[i] * np.eye(5)[i], C / 6.0)) / (2 * h[i]) for i in range(5)])
+    var_3xC = np.einsum("ikc,ij,jkc->kc", grad_5x3xC, np.asarray(fit.cov), grad_5x3xC)
+    half_3xC = fit.t95 * np.sqrt(np.maximum(var_3xC, 0.0))
+    with np.errstate(over="ignore"):
+        out["N_opt_ci95"] = np.stack([np.exp(log_N - half_3xC[0]), np.exp(log_N + half_3xC[0])], axis=1)
+        out["D_opt_ci95"] = np.stack([np.exp(log_D - half_3xC[1]), np.exp(log_D + half_3xC[1])], axis=1)
+    out["L_ci95"] = np.stack([L - half_3xC[2], L + half_3xC[2]], axis=1)
+    def outside(x, lo_hi):
+        return (x < lo_hi[0] * (1 - 1e-9)) | (x > lo_hi[1] * (1 + 1e-9))
+
+    out["extrapolated"] = outside(C, fit.C_range) | outside(out["N_opt"], fit.N_range)
+    return out
 
 
 def frontier_compute_grid(C_sweep, decades: int = 2) -> np.ndarray:

@@ -5,7 +5,7 @@ sweep_plan.py), optionally fine-tunes every final checkpoint, collects DIR/resul
 DIR/finetune.csv) and fits and plots the results (sweep_analysis.py). Backends:
   local  runs everything here, `--parallel=N` runs at a time (branches wait for their trunk)
   slurm  writes DIR/slurm/stage{1,2}.sbatch (arrays over launch/slurm.sbatch) and submits them,
-         stage 2 (branch runs) after stage 1 (`--dependency=afterok`)
+         each branch run after its own trunk's stage-1 task (`--dependency=afterok:JOB_TASK`)
   print  prints one shell command per run, trunks first, for any other scheduler
 Rerunning skips finished runs (DIR/runs/ID/done.json) and resumes unfinished ones.
 
@@ -22,8 +22,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from mlm_vs_clm.config import ConfigError
-from mlm_vs_clm.sweep_runner import (PLAN_FILE, plan_run, analyze, collect, finish, load_plan, prepare,
-                                     print_backend, run_local, run_one, write_plan)
+from mlm_vs_clm.sweep_runner import (PLAN_FILE, plan_run, analyze, branch_saving, collect, finish, load_plan,
+                                     prepare, print_backend, run_local, run_one, write_plan)
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Sweep config, e.g. configs/sweeps/micro.py.")
@@ -71,8 +71,7 @@ def main(argv) -> int:
         print(f"sweep: {e}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1
     n_branch = sum(bool(r["branch_from"]) for r in runs)
-    saved = sum(r["saved_flops"] for r in runs)
-    total = sum(r["flops"] for r in runs)
+    saved, total = branch_saving(runs)
     print(f"sweep: {len(runs)} runs ({n_branch} branch from a CLM trunk, saving {saved:.3g} of {total:.3g} "
           f"FLOPs, {100 * saved / max(total, 1):.0f} %); plan in {os.path.join(workdir, PLAN_FILE)}", flush=True)
     if FLAGS.backend == "print":

@@ -9,7 +9,9 @@
 - Per schedule, the law L = E + A/N^alpha + B/D^beta (scaling_law.py) is fitted to the
   validation loss (`loss`, default val_mlm_loss) of its runs, N = params, D = tokens, and its
   compute-optimal frontier (C = 6 N D) tabulated at the sweep's own 6 N D values and powers of
-  ten around them. Runs not `done`, or without that loss, are listed and not used.
+  ten around them, each value with its 95 % interval (delta method) and rows outside the fitted
+  compute or model sizes marked extrapolated. Runs not `done`, or without that loss, are listed
+  and not used.
 Outputs: DIR/fits.json, DIR/summary.md, DIR/loss_vs_compute.png, DIR/score_vs_compute.png,
 DIR/score_vs_clm_fraction.png, DIR/finetune_spread.png (plots without data are skipped with a note).
 """
@@ -140,7 +142,7 @@ def fit_schedules(rows, loss: str) -> dict:
         N, D, L = (np.array([r[c] for r in mine], float) for c in ("params", "tokens", loss))
         try:
             fit = scaling_law.fit_law(N, D, L)
-        except scaling_law.TooFewPoints as e:
+        except scaling_law.NoFit as e:
             out[sched] = {"fit": None, "reason": str(e), "frontier": None}
             continue
         out[sched] = {"fit": fit, "reason": None, "frontier": scaling_law.frontier(fit, C)}
@@ -281,6 +283,13 @@ def _winner_line(w, metric):
             f"({_g(w['runner_up_score'])}), margin {_g(w['margin'], 3)}, {verdict}")
 
 
+def _frontier_cell(fr, i):
+    (n_lo, n_hi), (l_lo, l_hi) = fr["N_opt_ci95"][i], fr["L_ci95"][i]
+    cell = (f"{_g(fr['N_opt'][i], 3)} [{_g(n_lo, 3)}, {_g(n_hi, 3)}] / {_g(fr['D_opt'][i], 3)} / "
+            f"{_g(fr['L'][i], 3)} [{_g(l_lo, 3)}, {_g(l_hi, 3)}]")
+    return cell + (" **extrapolated**" if fr["extrapolated"][i] else "")
+
+
 def write_summary(path, res, used, unused, ft_cols, fits, wins, metric, higher, loss, notes, ft_rows, schedule_of,
                   flops_ratio):
     out = ["# Sweep summary", "",
@@ -317,9 +326,10 @@ def write_summary(path, res, used, unused, ft_cols, fits, wins, metric, higher, 
                 "output head).", ""]
         fitted = [s for s, f in fits.items() if f["fit"] is not None]
         C = fits[fitted[0]]["frontier"]["C"]  # the same grid for every schedule
-        out += _table(["C"] + fitted, [[_g(c, 3)] + ["{} / {} / {}".format(*(_g(fits[s]["frontier"][k][i], 3)
-                                                                             for k in ("N_opt", "D_opt", "L")))
-                                                     for s in fitted] for i, c in enumerate(C)])
+        out += ["Each cell: N_opt [95 % interval] / D_opt / loss [95 % interval] (delta method from the fit's "
+                "covariance); **extrapolated**: C or N_opt outside the fitted runs, where the law is only a guess.", ""]
+        out += _table(["C"] + fitted, [[_g(c, 3)] + [_frontier_cell(fits[s]["frontier"], i) for s in fitted]
+                                       for i, c in enumerate(C)])
     if ft_rows:
         out += ["", "## Fine-tuning spread (every learning rate and seed)", ""]
         lines = []

@@ -12,7 +12,9 @@ A sweep config (configs/sweeps/*.py) declares:
              (intermediate checkpoints, e.g. for data-efficiency curves); () = none
   branch     'resume': biphasic runs continue from their CLM trunk's checkpoint kept at the
              switch step (the trunk is the pure CLM run of the same size, budget and seed;
-             it is added when the grid lacks it); 'none': every run trains from scratch
+             when the grid lacks it, it is added only if it saves compute: if the branches'
+             CLM prefixes add up to more steps than the trunk); 'none': every run trains
+             from scratch
   finetune   config ('' = none), overrides: a fine-tuning suite run on each final checkpoint
 
 Why branching is exact: a run's first S steps depend only on the seed, the data stream, the
@@ -30,7 +32,7 @@ import dataclasses
 import os
 import re
 
-from mlm_vs_clm.config import ConfigError, load_config
+from mlm_vs_clm.config import REPO_ROOT, ConfigError, load_config
 
 BRANCH_MODES = ("resume", "none")
 
@@ -61,7 +63,7 @@ class Run:
         return self.clm_steps / self.steps
 
     def config_spec(self, base: str) -> str:
-        return f"{base}:{self.size.preset},{self.schedule}"
+        return f"{resolve_config(base)}:{self.size.preset},{self.schedule}"
 
     def overrides(self, common: tuple[tuple[str, str], ...]) -> list[tuple[str, str]]:
         """(key, value-as-typed-on-a-command-line) pairs, later ones win."""
@@ -78,6 +80,17 @@ class Run:
 
     def load_config(self, base: str, common):
         return load_config(self.config_spec(base), {k: parse_value(v) for k, v in self.overrides(common)})
+
+
+def resolve_config(spec: str) -> str:
+    """`configs/pretrain.py:tiny` -> the same with the file's absolute path, resolved as load_config
+    does (the cwd, else the repo root), so that training subprocesses and SLURM jobs find it
+    from any directory."""
+    path, colon, arg = spec.partition(":")
+    if not path or os.path.isabs(path):
+        return spec
+    path = os.path.abspath(path) if os.path.exists(path) else os.path.join(REPO_ROOT, path)
+    return path + colon + arg
 
 
 def parse_value(text: str):
@@ -112,12 +125,13 @@ def parse_overrides(items) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
-def _clm_prefix(schedule: str, steps: int) -> tuple[int, float]:
-    """(CLM steps at the start, mask ratio of the first MLM phase) of a schedule."""
+def _clm_prefix(schedule: str, steps: int, mask_ratio: float) -> tuple[int, float]:
+    """(CLM steps at the start, mask ratio of the first MLM phase) of a schedule; plain `mlm`
+    phases mask `mask_ratio` (the config's mlm.mask_ratio)."""
     from mlm_vs_clm import schedules
 
     try:
-        sched = schedules.objective_schedule(schedule, steps)
+        sched = schedules.objective_schedule(schedule, steps, mask_ratio)
     except ValueError as e:
         raise ConfigError(f"schedules: {e}") from e
     objs = sched.objectives
@@ -152,6 +166,13 @@ def plan(sweep) -> list[Run]:
             raise ConfigError(f"{key}: the grid needs at least one value")
     if any(not 0 < float(f) < 1 for f in sweep.get("keep_fractions", ())):
         raise ConfigError(f"keep_fractions: {tuple(sweep.keep_fractions)} must lie strictly between 0 and 1")
+    for key in ("steps", "seeds"):
+        values = tuple(sweep[key])
+        bad = [v for v in values if isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v]
+        if bad:
+            raise ConfigError(f"{key}: {bad[0]!r} is not an integer")
+        if len(set(values)) != len(values):
+            raise ConfigError(f"{key}: {values} repeats a value (run ids would collide)")
     sizes = [parse_size(s) for s in sweep.sizes]
     if len({s.label for s in sizes}) != len(sizes):
         raise ConfigError("sizes: two sizes share a label")
@@ -161,21 +182,22 @@ def plan(sweep) -> list[Run]:
         for steps in sweep.steps:
             if int(steps) <= 0:
                 raise ConfigError(f"steps: {steps} is not a positive step count")
-            for seed in sweep.seeds:
-                runs += _budget_runs(sweep, size, int(steps), int(seed))
-    for run in runs[:1] + [r for r in runs if r.size.label != runs[0].size.label][:1]:
-        try:
-            run.load_config(sweep.base, common)  # unknown presets and keys fail here, once per size
+        overrides = {k: parse_value(v) for k, v in list(common) + list(size.overrides)}
+        try:  # unknown presets and keys fail here, once per size
+            mask_ratio = float(load_config(f"{sweep.base}:{size.preset}", overrides).mlm.mask_ratio)
         except (ValueError, KeyError) as e:
-            raise ConfigError(f"run {run.id}: {e}") from e
+            raise ConfigError(f"sizes: {size.label}: {e}") from e
+        for steps in sweep.steps:
+            for seed in sweep.seeds:
+                runs += _budget_runs(sweep, size, int(steps), int(seed), mask_ratio)
     return runs
 
 
-def _budget_runs(sweep, size: Size, steps: int, seed: int) -> list[Run]:
+def _budget_runs(sweep, size: Size, steps: int, seed: int, mask_ratio: float) -> list[Run]:
     runs = []
     keep = tuple(sorted({int(round(f * steps)) for f in sweep.get("keep_fractions", ())} - {0, steps}))
     for schedule in dict.fromkeys(sweep.schedules):
-        clm_steps, ratio = _clm_prefix(schedule, steps)
+        clm_steps, ratio = _clm_prefix(schedule, steps, mask_ratio)
         runs.append(Run(run_id(size.label, steps, schedule, seed), size, steps, schedule, seed, clm_steps, ratio,
                         keep_steps=keep))
     branches = [r for r in runs if 0 < r.clm_steps < steps]
@@ -183,6 +205,8 @@ def _budget_runs(sweep, size: Size, steps: int, seed: int) -> list[Run]:
         return runs
     trunk = next((r for r in runs if r.clm_steps == steps), None)
     if trunk is None:
+        if sum(r.clm_steps for r in branches) <= steps:  # an added trunk would cost more than it saves
+            return runs
         trunk = Run(run_id(size.label, steps, "clm", seed), size, steps, "clm", seed, steps, 0.0, keep_steps=keep,
                     in_grid=False)
         runs.insert(0, trunk)

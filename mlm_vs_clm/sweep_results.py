@@ -5,7 +5,8 @@ results.csv columns: run, size, schedule, clm_fraction, mask_ratio, seed, params
 final norm: no input embedding, no output head), steps, tokens (batch x length x steps),
 flops (analytic model training FLOPs, flops.py), wall_s (this run's own training and
 fine-tuning time; a branch's CLM prefix is its trunk's), val_mlm_loss, val_clm_loss,
-branch_from, saved_flops (the trunk prefix a branch did not recompute), status (done /
+branch_from, saved_flops (the trunk prefix a branch did not recompute, less its share of an
+added trunk's cost: the column sums to the net saving), status (done /
 missing), then ft_<task> (test score at the best learning rate, mean over seeds) and ft_mean.
 Trunks added only to be branched from are not rows. Written atomically.
 """

@@ -6,6 +6,7 @@ The command line is mlm_vs_clm/sweep.py; the grid is sweep_plan.py.
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
 import json
 import os
 import shlex
@@ -31,7 +32,7 @@ def _python() -> str:
 def prepare(workdir: str, run: dict) -> None:
     """A branch run with no checkpoint of its own starts from a copy of its trunk's
     checkpoint at the switch step (hard links where possible), with the trunk's tokenizer and
-    metrics up to that step."""
+    metrics up to that step; from scratch if the trunk finished without that checkpoint."""
     if not run["branch_from"]:
         return
     rdir = run_dir(workdir, run["id"])
@@ -40,6 +41,10 @@ def prepare(workdir: str, run: dict) -> None:
         return  # resumed earlier (or finished): its own checkpoints win
     trunk = run_dir(workdir, run["branch_from"])
     src = os.path.join(trunk, "checkpoints", str(run["branch_step"]))
+    if not os.path.isdir(src) and is_done(workdir, run["branch_from"]):
+        print(f"sweep: note: {run['id']}: its trunk {run['branch_from']} finished without a checkpoint at step "
+              f"{run['branch_step']}; it trains from scratch", flush=True)
+        return
     if not os.path.isdir(src):
         raise ConfigError(
             f"run {run['id']}: trunk {run['branch_from']} has no checkpoint at step {run['branch_step']} ({src})"
@@ -78,7 +83,7 @@ def finish(workdir: str, run: dict, sweep: dict, wall_s: float) -> dict:
                 f"--workdir={os.path.join(rdir, 'finetune')}", "--config.progress=False"]
         args += [f"--config.{k}={v}" for k, v in sweep_plan.parse_overrides(sweep["finetune"]["overrides"])]
         _subprocess(args, os.path.join(rdir, "finetune.log"))
-    record = {"wall_s": wall_s, **final}
+    record = {"wall_s": wall_s, **final, "args_hash": run.get("args_hash")}
     tmp = os.path.join(rdir, "done.json.tmp")
     with open(tmp, "w") as f:
         json.dump(record, f, indent=1)
@@ -117,14 +122,38 @@ def plan_run(saved: dict, workdir: str, run_id: str) -> dict:
     return runs[run_id]
 
 
+def args_hash(run: sweep_plan.Run, sweep) -> str:
+    """A hash of what decides a run's results: its config, overrides (not the checkpoints it
+    keeps for branches) and fine-tuning suite; no paths, so a moved sweep keeps its runs."""
+    overrides = [(k, v) for k, v in run.overrides(sweep_plan.parse_overrides(sweep.overrides))
+                 if k != "train.keep_steps"]
+    key = [sweep.base, run.size.preset, run.schedule, overrides, sweep.finetune.config,
+           list(sweep_plan.parse_overrides(sweep.finetune.overrides))]
+    return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
+
+
+def done_record(workdir: str, run: dict) -> dict | None:
+    """The run's done.json, None if it has none; ConfigError if it was trained with other
+    arguments (a done.json written before args_hash existed is accepted)."""
+    path = os.path.join(run_dir(workdir, run["id"]), "done.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        record = json.load(f)
+    if record.get("args_hash") not in (None, run["args_hash"]):
+        raise ConfigError(f"run {run['id']}: finished with other training or fine-tuning arguments than this sweep's "
+                          f"({path}); use a new --workdir, or move {run_dir(workdir, run['id'])} away to retrain it")
+    return record
+
+
 def run_one(workdir: str, run_id: str) -> dict:
     """Prepare, train, fine-tune and record one run of the plan (skipped if done)."""
     saved = load_plan(workdir)
     run = plan_run(saved, workdir, run_id)
     rdir = run_dir(workdir, run_id)
-    if is_done(workdir, run_id):
-        with open(os.path.join(rdir, "done.json")) as f:
-            return json.load(f)
+    record = done_record(workdir, run)
+    if record is not None:
+        return record
     os.makedirs(rdir, exist_ok=True)
     prepare(workdir, run)
     start = time.time()
@@ -137,8 +166,18 @@ def run_one(workdir: str, run_id: str) -> dict:
 
 
 def write_plan(workdir: str, sweep) -> list[dict]:
+    """Plans the sweep and writes DIR/plan.json. Checks finished runs against it (done_record),
+    and a branch whose trunk finished without its switch checkpoint (the schedule was added
+    later) trains from scratch instead: the same result, without the saving."""
     runs = sweep_plan.plan(sweep)
     common = sweep_plan.parse_overrides(sweep.overrides)
+    for r in runs:
+        ckpt = os.path.join(run_dir(workdir, r.branch_from), "checkpoints", str(r.branch_step))
+        if r.branch_from and is_done(workdir, r.branch_from) and not os.path.isdir(ckpt) \
+                and not is_done(workdir, r.id):
+            print(f"sweep: note: {r.id}: its trunk {r.branch_from} finished without a checkpoint at step "
+                  f"{r.branch_step}; it trains from scratch", flush=True)
+            r.branch_from, r.branch_step = "", 0
     records = []
     for r in runs:
         cfg = r.load_config(sweep.base, common)
@@ -147,20 +186,30 @@ def write_plan(workdir: str, sweep) -> list[dict]:
             "clm_steps": r.clm_steps, "clm_fraction": r.clm_fraction, "mask_ratio": r.mask_ratio,
             "branch_from": r.branch_from, "branch_step": r.branch_step, "in_grid": r.in_grid,
             "train_args": r.train_args(sweep.base, run_dir(os.path.abspath(workdir), r.id), common),
+            "args_hash": args_hash(r, sweep),
             "tokens_per_step": cfg.train.batch_size * cfg.train.seq_len,
             **_compute(cfg, r),
         })
+    _net_savings(records)
+    for rec in records:
+        done_record(workdir, rec)
+    saved_sweep = json.loads(sweep.to_json())
+    saved_sweep["base"] = sweep_plan.resolve_config(sweep.base)
+    if saved_sweep["finetune"]["config"]:
+        saved_sweep["finetune"]["config"] = sweep_plan.resolve_config(saved_sweep["finetune"]["config"])
     os.makedirs(workdir, exist_ok=True)
     tmp = os.path.join(workdir, PLAN_FILE + ".tmp")
     with open(tmp, "w") as f:
-        json.dump({"sweep": json.loads(sweep.to_json()), "runs": records}, f, indent=1)
+        json.dump({"sweep": saved_sweep, "runs": records}, f, indent=1)
     os.replace(tmp, os.path.join(workdir, PLAN_FILE))
     return records
 
 
 def _compute(cfg, run) -> dict:
     """Parameters (non-embedding: blocks and final norm, neither input embedding nor head) and
-    analytic training FLOPs of the whole run and of its CLM prefix."""
+    analytic training FLOPs of the whole run (the sum over its schedule's phases) and of the
+    CLM prefix a branch does not train."""
+    from mlm_vs_clm import schedules
     from mlm_vs_clm.flops import train_flops_per_token
     from mlm_vs_clm.model import ModelConfig
 
@@ -169,12 +218,29 @@ def _compute(cfg, run) -> dict:
     per_layer = D * (m.num_heads + 2 * m.num_kv_heads) * H + m.num_heads * H * D + 3 * D * m.ffn_size + 2 * D
     params = m.num_layers * per_layer + D
     L, tokens_per_step = cfg.train.seq_len, cfg.train.batch_size * cfg.train.seq_len
-    clm = train_flops_per_token(m, L, "clm").per_token
-    mlm = train_flops_per_token(m, L, "mlm", run.mask_ratio or 0.4, cfg.mlm.sparse_head).per_token
-    prefix = clm * tokens_per_step * run.clm_steps
-    total = prefix + mlm * tokens_per_step * (run.steps - run.clm_steps)
+    sched = schedules.objective_schedule(run.schedule, run.steps, cfg.mlm.mask_ratio)
+    total = 0.0
+    for start, end, obj in zip(sched.starts, sched.starts[1:] + (run.steps,), sched.objectives):
+        per_token = train_flops_per_token(m, L, obj.kind, obj.mask_ratio, cfg.mlm.sparse_head).per_token
+        total += per_token * tokens_per_step * (end - start)
+    prefix = train_flops_per_token(m, L, "clm").per_token * tokens_per_step * run.branch_step
     return {"params": params, "tokens": tokens_per_step * run.steps, "flops": total,
             "saved_flops": prefix if run.branch_from else 0.0}
+
+
+def _net_savings(records: list[dict]) -> None:
+    """A trunk added only to be branched from costs compute the grid did not ask for: each of its
+    branches' saved_flops gives back its share (in proportion to its prefix) of that cost."""
+    for trunk in (r for r in records if not r["in_grid"]):
+        branches = [r for r in records if r["branch_from"] == trunk["id"]]
+        prefixes = sum(r["saved_flops"] for r in branches)
+        for r in branches:
+            r["saved_flops"] -= trunk["flops"] * r["saved_flops"] / prefixes
+
+
+def branch_saving(runs: list[dict]) -> tuple[float, float]:
+    """(net FLOPs branching saves, FLOPs of the grid's runs trained from scratch)."""
+    return sum(r["saved_flops"] for r in runs), sum(r["flops"] for r in runs if r["in_grid"])
 
 
 def load_plan(workdir: str) -> dict:
@@ -251,7 +317,7 @@ def print_backend(workdir: str, runs: list[dict]) -> None:
     for stage in (1, 2):
         lines = [c for s, c in cmds if s == stage]
         if lines:
-            print(f"# stage {stage}: {len(lines)} runs" + (" (after every stage-1 run has finished)" if stage == 2 else ""))
+            print(f"# stage {stage}: {len(lines)} runs" + (" (each after its trunk in stage 1)" if stage == 2 else ""))
             print("\n".join(lines))
     print(f"# then: {_python()} -m mlm_vs_clm.sweep analyze --workdir={os.path.abspath(workdir)}")
 

@@ -1,7 +1,9 @@
 """The sweep's SLURM backend: two job arrays over launch/slurm.sbatch.
 
 DIR/slurm/stage1.sbatch runs the trunks and every run trained from scratch; stage2.sbatch
-the branch runs, submitted with `--dependency=afterok:<stage 1>`. Each array task looks up
+the branch runs, submitted once per trunk with `--array=<its branches>` and
+`--dependency=afterok:<stage 1>_<the trunk's task>`, so a failed trunk holds back only its own
+branches (they stay pending with DependencyNeverSatisfied; `scancel` them and resubmit). Each array task looks up
 its run id, copies its branch checkpoint (`sweep prepare`), trains through
 launch/slurm.sbatch (multi-node start-up, SIGTERM -> checkpoint -> requeue), then fine-tunes
 and records the run (`sweep finish`). A finished run's task exits at once, so resubmitting
@@ -49,8 +51,8 @@ if [[ $status -ne 0 ]]; then echo "$run: training failed with status $status" >&
 """
 
 
-def write_scripts(workdir: str, runs: list[dict], python: str) -> list[tuple[int, str, int]]:
-    """(stage, script path, number of runs) for the stages that have unfinished runs."""
+def write_scripts(workdir: str, runs: list[dict], python: str) -> list[tuple[int, str, list[str]]]:
+    """(stage, script path, run ids in array order) for the stages that have unfinished runs."""
     slurm_dir = os.path.join(workdir, "slurm")
     os.makedirs(os.path.join(slurm_dir, "args"), exist_ok=True)
     out = []
@@ -68,12 +70,32 @@ def write_scripts(workdir: str, runs: list[dict], python: str) -> list[tuple[int
                                    slurm_dir=shlex.quote(slurm_dir), repo=shlex.quote(REPO_ROOT),
                                    ids=" ".join(shlex.quote(i) for i in ids), python=shlex.quote(python)))
         os.chmod(path, 0o755)
-        out.append((stage, path, len(ids)))
+        out.append((stage, path, ids))
     return out
 
 
+def stage2_submissions(runs: list[dict], stage1_ids: list[str], stage2_ids: list[str],
+                       stage1_job: str | None) -> list[tuple[str, str]]:
+    """(--array indices, --dependency or '') per trunk: a trunk's branches wait only for its own
+    stage-1 array task (afterok:JOB_TASK), so one failed trunk blocks only its own branches;
+    branches of an already finished trunk start at once."""
+    trunk_of = {r["id"]: r["branch_from"] for r in runs}
+    groups: dict[str, list[int]] = {}
+    for i, rid in enumerate(stage2_ids):
+        groups.setdefault(trunk_of[rid] if trunk_of[rid] in stage1_ids else "", []).append(i)
+    return [(",".join(map(str, idx)), f"afterok:{stage1_job}_{stage1_ids.index(trunk)}" if trunk else "")
+            for trunk, idx in groups.items()]
+
+
+def _sbatch(cmd: list[str], stage: int) -> str:
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"slurm backend: sbatch failed for stage {stage}: {proc.stderr.strip()}")
+    return proc.stdout.strip().split(";")[0]
+
+
 def slurm_backend(workdir: str, runs: list[dict], sbatch_args: str = "") -> list[str]:
-    """Writes the stage scripts and submits them; returns the job ids."""
+    """Writes the stage scripts and submits them (stage 2 once per trunk); returns the job ids."""
     import sys
 
     scripts = write_scripts(workdir, runs, sys.executable)
@@ -83,16 +105,19 @@ def slurm_backend(workdir: str, runs: list[dict], sbatch_args: str = "") -> list
     if shutil.which("sbatch") is None:
         raise RuntimeError("slurm backend: `sbatch` is not on PATH (run on a SLURM login node, or use "
                            f"--backend=print); scripts are in {os.path.join(workdir, 'slurm')}")
-    job_ids, previous = [], None
-    for stage, path, count in scripts:
-        cmd = ["sbatch", "--parsable", *shlex.split(sbatch_args)]
-        if previous is not None:
-            cmd.append(f"--dependency=afterok:{previous}")
-        proc = subprocess.run(cmd + [path], capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"slurm backend: sbatch failed for stage {stage}: {proc.stderr.strip()}")
-        previous = proc.stdout.strip().split(";")[0]
-        job_ids.append(previous)
-        print(f"sweep: submitted stage {stage} ({count} runs) as job {previous}: {path}")
+    base = ["sbatch", "--parsable", *shlex.split(sbatch_args)]
+    job_ids, stage1_job, stage1_ids = [], None, []
+    for stage, path, ids in scripts:
+        if stage == 1:
+            stage1_job, stage1_ids = _sbatch(base + [path], stage), ids
+            job_ids.append(stage1_job)
+            print(f"sweep: submitted stage 1 ({len(ids)} runs) as job {stage1_job}: {path}")
+            continue
+        for array, dependency in stage2_submissions(runs, stage1_ids, ids, stage1_job):
+            dep = [f"--dependency={dependency}"] if dependency else []
+            job = _sbatch(base + [f"--array={array}", *dep, path], stage)
+            job_ids.append(job)
+            print(f"sweep: submitted stage 2 ({array.count(',') + 1} runs, {dependency or 'no dependency'}) "
+                  f"as job {job}: {path}")
     print(f"sweep: when they finish: python -m mlm_vs_clm.sweep analyze --workdir={workdir}")
     return job_ids

@@ -50,14 +50,51 @@ def test_fit_without_noise_is_exact_and_robust_to_one_bad_run():
 
 
 @pytest.mark.parametrize("N,D,reason", [
-    ([1e7, 1e7, 1e7], [1e8, 1e9, 1e10], "3 points, 1 distinct model size, 3 distinct token counts"),
-    ([1e7, 1e8, 1e9] * 2, [1e8] * 3 + [1e9] * 3, "6 points, 3 distinct model sizes, 2 distinct token counts"),
-    ([1e7, 1e8, 1e9, 1e7, 1e8], [1e8, 1e9, 1e10, 1e9, 1e10], "5 points, 3 distinct model sizes, 3 distinct"),
+    ([1e7, 1e7, 1e7], [1e8, 1e9, 1e10], "3 points at 3 distinct (N, D) pairs, 1 distinct model size, 3 distinct"),
+    ([1e7, 1e8, 1e9] * 2, [1e8] * 3 + [1e9] * 3, "6 points at 6 distinct (N, D) pairs, 3 distinct model sizes, 2 "),
+    ([1e7, 1e8, 1e9, 1e7, 1e8], [1e8, 1e9, 1e10, 1e9, 1e10], "5 points at 5 distinct (N, D) pairs, 3 distinct"),
 ])
 def test_too_few_points_says_why(N, D, reason):
     with pytest.raises(scaling_law.TooFewPoints) as e:
         scaling_law.fit_law(N, D, _law(np.array(N), np.array(D)))
-    assert str(e.value).startswith(reason) and "need >= 3 sizes, >= 3 token counts and >= 6 points" in str(e.value)
+    assert str(e.value).startswith(reason), str(e.value)
+    assert "need >= 3 sizes, >= 3 token counts and >= 6 distinct (N, D) pairs" in str(e.value)
+
+
+def test_seeds_repeating_three_points_are_not_a_fit():
+    """The reviewer's case: 3 (N, D) pairs x 2 seeds passed the counts, J had rank 3 and the
+    report showed zero-width intervals and a frontier 36x off."""
+    N, D = np.array([1e6, 4e6, 1.6e7] * 2), np.array([1e8, 4e8, 1.6e9] * 2)
+    L = _law(N, D) * np.exp(np.random.default_rng(0).normal(0.0, 0.005, 6))
+    with pytest.raises(scaling_law.TooFewPoints, match=r"^6 points at 3 distinct \(N, D\) pairs"):
+        scaling_law.fit_law(N, D, L)
+
+
+def test_rank_deficient_jacobian_refuses_the_fit(monkeypatch):
+    N, D = _grid(3)
+    real = scaling_law._jacobian
+    monkeypatch.setattr(scaling_law, "_jacobian", lambda *a: real(*a) * np.array([1.0, 1.0, 0.0, 1.0, 1.0]))
+    with pytest.raises(scaling_law.NoFit, match=r"Jacobian at the fit has rank 4 < 5") as e:
+        scaling_law.fit_law(N, D, _law(N, D) * np.exp(np.random.default_rng(0).normal(0.0, 0.003, N.size)))
+    assert "\n" not in str(e.value)
+
+
+def test_frontier_has_intervals_that_cover_the_truth_and_marks_extrapolation():
+    N, D = _grid()
+    fit = scaling_law.fit_law(N, D, _law(N, D) * np.exp(np.random.default_rng(0).normal(0.0, 0.003, N.size)))
+    C = scaling_law.frontier_compute_grid(6 * N * D)
+    fr, true = scaling_law.frontier(fit, C), scaling_law.frontier(scaling_law.LawFit(**TRUE, se={}, ci95={}, rmse=0,
+                                                                                     n_points=0, n_sizes=0,
+                                                                                     n_token_counts=0), C)
+    for k in ("N_opt", "D_opt", "L"):
+        lo, hi = fr[f"{k}_ci95"].T
+        assert np.all(lo < fr[k]) and np.all(fr[k] < hi), k  # never zero width
+        assert np.all(lo <= true[k]) and np.all(true[k] <= hi), k
+    width = np.log(fr["N_opt_ci95"][:, 1] / fr["N_opt_ci95"][:, 0])
+    assert width[-1] > 2 * width[np.argmin(np.abs(C - 1e18))]  # wider far from the data
+    inside = (C >= (6 * N * D).min()) & (C <= (6 * N * D).max()) & (fr["N_opt"] >= N.min()) & (fr["N_opt"] <= N.max())
+    assert inside.any() and not inside.all()
+    np.testing.assert_array_equal(fr["extrapolated"], ~inside)
 
 
 def test_frontier_minimises_the_law_at_fixed_compute():
@@ -146,7 +183,7 @@ def test_analyze_writes_everything_and_names_the_winners(tmp_path, capsys):
     assert "s, 300 steps: mlm40 (ft_mean 76.3) over clm50_mlm40 (76), margin 0.3, within the seed spread 0.707" in summary
     assert "s, 100 steps: clm50_mlm40" in summary and "exceeds the seed spread" in summary
     assert "- s-100-mlm20-s0: status 'missing'" in summary and summary.count("| s-100-mlm40-s0 |") == 1
-    assert "no fit: 8 points, 2 distinct model sizes" in summary
+    assert "no fit: 8 points at 4 distinct (N, D) pairs, 2 distinct model sizes" in summary
     saved = sum(0.5 * 6.5 * N * D * 2 for N in SIZES.values() for D in STEPS.values())
     assert f"saved {saved:.3g} of" in summary
     ties = [dict(out["winners"][0], margin=0.0)]
@@ -170,6 +207,10 @@ def test_analyze_fits_a_schedule_with_enough_points_and_uses_loss_without_finetu
     summary = (tmp_path / "summary.md").read_text()
     assert "one seed: spread unknown" in summary and "lower is better" in summary
     assert "score_vs_compute.png skipped" in summary and "### Compute-optimal frontier (C = 6 N D)" in summary
+    fr = out["fits"]["mlm40"]["frontier"]
+    assert len(fr["N_opt_ci95"]) == len(fr["C"]) and any(fr["extrapolated"]) and not all(fr["extrapolated"])
+    rows = [ln for ln in summary.splitlines() if ln.startswith("| 1e+")]
+    assert rows and all(" [" in ln for ln in rows) and any("**extrapolated**" in ln for ln in rows)
 
 
 @pytest.mark.parametrize("edit,message", [
