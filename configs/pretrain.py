@@ -3,7 +3,8 @@
 SIZE is one of `tiny` (tests, seconds), `small` (benchmarks, minutes on a CPU), `210m`,
 `610m`, `1b` (PAPER.md dimensions). OBJECTIVE is an objective schedule: `clm`, `mlm20`,
 `mlm30`, `mlm40` (default), `mlm50`, or `clmXX_mlmYY` (CLM for the first XX % of the steps,
-then MLM with YY % masking). Any key can be overridden: `--config.train.steps=100`.
+then MLM with YY % masking; a plain `mlm` takes its ratio from `mlm.mask_ratio`, which also
+sets the validation masks of every run). Any key can be overridden: `--config.train.steps=100`.
 """
 
 import ml_collections
@@ -88,9 +89,13 @@ def _size_config(name: str) -> ml_collections.ConfigDict:
     )
 
     c.objective = "mlm40"
+    # mlm.mask_ratio is (a) the ratio of an objective written plainly 'mlm' (as in 'clm50_mlm')
+    # and (b) the mask ratio of val_mlm_loss for every run, whatever its objective. An objective
+    # that names its own ratio ('mlm40', the default, or 'clm25_mlm30') trains at that ratio and
+    # ignores this key: `--config.mlm.mask_ratio=0.3` alone changes only the validation masks.
     c.mlm = ml_collections.ConfigDict(
         dict(
-            mask_ratio=0.4,  # used by objectives named plain 'mlm'
+            mask_ratio=0.4,
             replacement="mask",  # 'mask' (every selected token -> mask token) or '80_10_10'
             sparse_head=True,
         )

@@ -4,10 +4,12 @@
         --objective=mlm40 --device_memory_gib=80 [--config.train.batch_size=96]
     python -m mlm_vs_clm.aot --config=configs/pretrain.py:610m --layout=h100x8 --devices=64 ...
 
-Builds the state shardings on a mesh of N virtual CPU devices, lowers and compiles the train
-step for abstract (never allocated) inputs, and prints the per-device memory from XLA's
-`memory_analysis()` of the partitioned program: arguments, outputs, temporaries, generated
-code and their total (outputs aliased to donated arguments are counted once). The CPU
+Without --mesh or --layout it checks the config's own mesh, with `mesh.layout` applied as the
+train command applies it. It validates the config as the train command does (one line, exit
+status 2), then builds the state shardings on a mesh of N virtual CPU devices, lowers and
+compiles the train step for abstract (never allocated) inputs, and prints the per-device
+memory from XLA's `memory_analysis()` of the partitioned program: arguments, outputs,
+temporaries, generated code and their total (outputs aliased to donated arguments are counted once). The CPU
 compiler's buffer assignment approximates, but is not identical to, the GPU/TPU compiler's:
 keep a margin (docs/scaling.md); `--platform=cuda` (or tpu) compiles for the chips of the machine
 it runs on instead, for as many devices as it has. Exit status: 0 fits (or no --device_memory_gib), 1 does not.
@@ -93,6 +95,7 @@ def check(config, objective_name: str | None = None, devices=None) -> list[Memor
     import jax
 
     from mlm_vs_clm import sharding, step, train_state
+    from mlm_vs_clm.validate import validate
 
     devices = list(devices if devices is not None else jax.devices())
     mesh_shape = sharding.mesh_shape(config.mesh, len(devices))
@@ -104,6 +107,7 @@ def check(config, objective_name: str | None = None, devices=None) -> list[Memor
         raise ValueError(
             f"aot: train.batch_size={batch} does not split into {dp} data-parallel devices x {accum} accumulation steps"
         )
+    validate(config, len(devices))  # what the train command checks first: one line, not a traceback
     setup = train_state.build(config, mesh)
     shardings = step.batch_shardings(mesh)
     abstract_batch = {
@@ -139,8 +143,9 @@ def _define_flags():
     from ml_collections import config_flags
 
     config_flags.DEFINE_config_file("config", None, "Pretraining config, e.g. configs/pretrain.py:1b.")
-    flags.DEFINE_string("mesh", None, "DATAxFSDPxTENSOR, e.g. 1x8x1 (or use --layout).")
-    flags.DEFINE_string("layout", None, "A layout of configs/meshes.py (h100x8, tpu_v5p, fsdp, ...).")
+    flags.DEFINE_string("mesh", None, "DATAxFSDPxTENSOR, e.g. 1x8x1 (or use --layout; neither: the config's mesh).")
+    flags.DEFINE_string("layout", None, "A layout of configs/meshes.py (h100x8, tpu_v5p, fsdp, ...); "
+                        "default: the config's mesh.layout, if set.")
     flags.DEFINE_integer("devices_per_node", None, "Devices per node/slice for --layout (default: the layout's).")
     flags.DEFINE_integer("devices", None, "Number of virtual CPU devices (default: the mesh's size).")
     flags.DEFINE_string("objective", None, "clm, mlm40, ... (default: every objective of the config's schedule).")
@@ -165,6 +170,8 @@ def _devices_needed(f) -> int:
         if not f.devices:
             raise ValueError("aot: --layout needs --devices")
         return f.devices
+    if f.config.mesh.get("layout") and not f.devices:
+        raise ValueError(f"aot: mesh.layout={f.config.mesh.layout!r} needs --devices")
     return f.devices or 1
 
 
@@ -192,6 +199,9 @@ def main(argv):
             config.mesh.data, config.mesh.fsdp, config.mesh.tensor = parse_mesh(f.mesh)
         elif f.layout:
             mesh_layouts().apply_mesh_layout(config, f.layout, num_devices, f.devices_per_node)
+        elif config.mesh.get("layout"):  # as the train command applies it
+            devices_per_node = f.devices_per_node or config.mesh.get("devices_per_node") or None
+            mesh_layouts().apply_mesh_layout(config, config.mesh.layout, num_devices, devices_per_node)
         reports = check(config, f.objective, jax.devices()[:num_devices])
     except ValueError as e:
         print(str(e).splitlines()[0], file=sys.stderr)

@@ -34,6 +34,8 @@ ARCHITECTURE_KEYS = (
     "rope_original_max_position", "norm_eps",
 )
 
+ROPE_SCALINGS = ("", "llama3")  # model.rope_scaling: none, or Llama-3's frequency scaling
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -82,7 +84,7 @@ def rope_frequencies(cfg: ModelConfig) -> jnp.ndarray:
         medium = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
         inv_freq = jnp.where(medium, smoothed, scaled)
     elif cfg.rope_scaling:
-        raise ValueError(f"model.rope_scaling: unsupported value {cfg.rope_scaling!r} (use '' or 'llama3')")
+        raise ValueError(f"model.rope_scaling: unsupported value {cfg.rope_scaling!r} (one of {ROPE_SCALINGS})")
     return inv_freq
 
 

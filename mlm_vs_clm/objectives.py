@@ -173,6 +173,23 @@ def max_selected(mask_ratio: float, length: int) -> int:
     return max(1, min(length, math.ceil(mask_ratio * length)))
 
 
+def random_non_special(rng, shape, special_ids, vocab_size: int) -> jnp.ndarray:
+    """Token ids drawn uniformly from the non-special ids below `vocab_size`, wherever the special
+    ids lie (the lowest ids, or Llama-3's reserved ids at the top, or a mask token appended last).
+
+    Draws r in [0, V - n) for the n special ids s_0 < ... < s_{n-1} below V, then steps over them:
+    the r-th non-special id is r + #{i : s_i - i <= r} (s_i - i non-special ids lie below s_i).
+    """
+    special = sorted({int(s) for s in special_ids if 0 <= int(s) < vocab_size})
+    if len(special) >= vocab_size:
+        raise ValueError(f"tokens.special_ids: every id of the {vocab_size}-token vocabulary is special")
+    r = jax.random.randint(rng, shape, 0, vocab_size - len(special))
+    if not special:
+        return r
+    below_n = jnp.asarray([s - i for i, s in enumerate(special)], jnp.int32)  # non-decreasing
+    return r + jnp.searchsorted(below_n, r, side="right").astype(r.dtype)
+
+
 def draw_mask(rng, batch, mask_ratio: float, tokens_cfg, vocab_size: int, replacement: str = "mask") -> Masking:
     """Select round(mask_ratio * n) of the n eligible tokens of each row, uniformly.
 
@@ -201,7 +218,7 @@ def draw_mask(rng, batch, mask_ratio: float, tokens_cfg, vocab_size: int, replac
         inputs = jnp.where(selected, mask_tok, tokens)
     elif replacement == "80_10_10":
         u = jax.random.uniform(k_kind, (B, L))
-        random_tok = jax.random.randint(k_random, (B, L), max(tokens_cfg.special_ids) + 1, vocab_size)
+        random_tok = random_non_special(k_random, (B, L), tokens_cfg.special_ids, vocab_size)
         replaced = jnp.where(u < 0.8, mask_tok, jnp.where(u < 0.9, random_tok, tokens))
         inputs = jnp.where(selected, replaced, tokens)
     else:
@@ -222,11 +239,17 @@ def mlm_loss(encode_fn, head: Head, batch, masking: Masking, sparse_head: bool, 
     return chunked_cross_entropy(head, h_BxLxD, batch["tokens"], weights_BxL, chunk_size)
 
 
-def objective_loss(objective: Objective, encode_fn, head: Head, batch, rng, config) -> LossSums:
-    """Loss sums of one objective on one (micro-)batch; `rng` draws the MLM mask."""
+def objective_masking(objective: Objective, batch, rng, config) -> Masking | None:
+    """The MLM mask of `batch` drawn with `rng` (None for CLM). A train step draws it once for the
+    whole batch and splits it into micro-batches with the batch, so the masked tokens do not
+    depend on `train.grad_accum_steps`."""
+    if objective.kind == "clm":
+        return None
+    return draw_mask(rng, batch, objective.mask_ratio, config.tokens, config.model.vocab_size, config.mlm.replacement)
+
+
+def objective_loss(objective: Objective, encode_fn, head: Head, batch, masking: Masking | None, config) -> LossSums:
+    """Loss sums of one objective on one (micro-)batch; `masking` (its rows) from `objective_masking`."""
     if objective.kind == "clm":
         return clm_loss(encode_fn, head, batch, config.loss_chunk_size)
-    masking = draw_mask(
-        rng, batch, objective.mask_ratio, config.tokens, config.model.vocab_size, config.mlm.replacement
-    )
     return mlm_loss(encode_fn, head, batch, masking, config.mlm.sparse_head, config.loss_chunk_size)

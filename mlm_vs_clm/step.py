@@ -26,45 +26,47 @@ def mask_rng(seed: int, step):
     return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), MASK_STREAM), step)
 
 
-def _loss_sums(setup: Setup, objective: Objective, params, batch, rng) -> objectives.LossSums:
+def _loss_sums(setup: Setup, objective: Objective, params, batch, masking) -> objectives.LossSums:
     model = setup.model
 
     def encode(tokens, seg, pos, mask_mode):
         return model.apply({"params": params}, tokens, seg, pos, mask_mode, method=model.encode)
 
     head = objectives.Head(params["lm_head"]["kernel"], model.cfg.dtype)  # LanguageModel.head: h @ kernel
-    return objectives.objective_loss(objective, encode, head, batch, rng, setup.config)
+    return objectives.objective_loss(objective, encode, head, batch, masking, setup.config)
 
 
 def train_step(setup: Setup, objective: Objective, state: TrainState, batch) -> tuple[TrainState, dict]:
     """One optimizer update on `batch` (split into `train.grad_accum_steps` micro-batches)."""
     accum = setup.config.train.grad_accum_steps
-    rng = mask_rng(setup.config.seed, state.step)
+    # One mask for the whole batch, split with it: the masked tokens (and so the loss and the
+    # update) do not depend on grad_accum_steps.
+    masking = objectives.objective_masking(objective, batch, mask_rng(setup.config.seed, state.step), setup.config)
 
-    def grads_of(micro, key):
+    def grads_of(micro, micro_masking):
         def f(p):
-            sums = _loss_sums(setup, objective, p, micro, key)
+            sums = _loss_sums(setup, objective, p, micro, micro_masking)
             return sums.loss, sums
 
         (_, sums), g = jax.value_and_grad(f, has_aux=True)(state.params)
         return g, sums
 
     if accum == 1:
-        grads, sums = grads_of(batch, rng)
+        grads, sums = grads_of(batch, masking)
     else:
-        # [B, L] -> [accum, B/accum, L]: row i of micro-batch j is row j + accum * i, so every
-        # micro-batch keeps the batch sharding of its rows.
-        micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(-1, accum, x.shape[-1]), 0, 1), batch)
+        # [B, ...] -> [accum, B/accum, ...]: row i of micro-batch j is row j + accum * i, so every
+        # micro-batch keeps the batch sharding of its rows. The mask's rows are split alike.
+        micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(-1, accum, *x.shape[1:]), 0, 1), (batch, masking))
 
         def body(carry, xs):
-            g, sums = grads_of(xs[0], xs[1])
+            g, sums = grads_of(*xs)
             return jax.tree.map(jnp.add, carry, (g, sums)), None
 
         zeros = (
             jax.tree.map(jnp.zeros_like, state.params),
             objectives.LossSums(jnp.float32(0), jnp.float32(0), jnp.float32(0)),
         )
-        (grads, sums), _ = jax.lax.scan(body, zeros, (micro, jax.random.split(rng, accum)))
+        (grads, sums), _ = jax.lax.scan(body, zeros, micro)
 
     count = jnp.maximum(sums.count, 1.0)
     loss = sums.loss / count
@@ -116,7 +118,8 @@ def eval_step(setup: Setup, objective: Objective, params, batch, step_for_masks)
     """Loss sums of `objective` on `batch`. Validation masks come from a fixed stream that does
     not depend on the run's seed, so every run is scored on the same masked tokens."""
     rng = jax.random.fold_in(jax.random.PRNGKey(EVAL_MASK_SEED), step_for_masks)
-    return _loss_sums(setup, objective, params, batch, rng)
+    masking = objectives.objective_masking(objective, batch, rng, setup.config)
+    return _loss_sums(setup, objective, params, batch, masking)
 
 
 def batch_shardings(mesh) -> dict:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 from mlm_vs_clm import schedules, sharding
 from mlm_vs_clm.config import ConfigError
-from mlm_vs_clm.model import ATTENTION_IMPLS, REMAT_POLICIES
+from mlm_vs_clm.model import ATTENTION_IMPLS, REMAT_POLICIES, ROPE_SCALINGS
 
 
 def _require(cond: bool, key: str, reason: str):
@@ -28,6 +29,8 @@ def validate(config, num_devices: int, resuming: bool = False) -> None:
     _require(m.remat_policy in REMAT_POLICIES, "model.remat_policy",
              f"unknown policy {m.remat_policy!r} (one of {', '.join(REMAT_POLICIES)})")
     _require(m.dtype in ("float32", "bfloat16", "float16"), "model.dtype", f"unsupported dtype {m.dtype!r}")
+    _require(m.get("rope_scaling", "") in ROPE_SCALINGS, "model.rope_scaling",
+             f"unknown scaling {m.get('rope_scaling')!r} (one of {', '.join(map(repr, ROPE_SCALINGS))})")
     _require(m.attention_impl in ATTENTION_IMPLS, "model.attention_impl",
              f"unknown implementation {m.attention_impl!r} (one of {', '.join(map(repr, ATTENTION_IMPLS))})")
     _require(int(m.get("attention_max_segments", 2)) >= 2, "model.attention_max_segments",
@@ -57,14 +60,45 @@ def validate(config, num_devices: int, resuming: bool = False) -> None:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     dp = shape[0] * shape[1]
+    _require(t.batch_size > 0, "train.batch_size", f"must be positive, got {t.batch_size}")
     _require(t.batch_size % (dp * t.grad_accum_steps) == 0, "train.batch_size",
              f"{t.batch_size} is not divisible by data-parallel size {dp} x grad_accum_steps {t.grad_accum_steps}")
-    for key in ("num_kv_heads", "num_heads", "ffn_size", "vocab_size"):
-        _require(int(m[key]) % shape[2] == 0 or key == "vocab_size", f"model.{key}",
-                 f"{m[key]} is not divisible by mesh.tensor={shape[2]}")
+    _check_parameter_sharding(config, shape)
     tok = config.tokens
     _require(0 <= tok.mask_id < m.vocab_size, "tokens.mask_id", f"{tok.mask_id} is outside the vocabulary")
+    n_special = len({int(i) for i in tok.special_ids if 0 <= int(i) < m.vocab_size})
+    _require(n_special < m.vocab_size, "tokens.special_ids",
+             f"every id of the {m.vocab_size}-token vocabulary is special (MLM has no token to draw)")
     if config.init_from and not resuming:
         _require(os.path.exists(config.init_from), "init_from", f"{config.init_from} does not exist")
     for s in t.keep_steps:
         _require(0 < int(s) <= t.steps, "train.keep_steps", f"step {s} is outside 1..{t.steps}")
+
+
+def _check_parameter_sharding(config, shape) -> None:
+    """Every parameter dimension divides over the mesh axes that `mesh.rules` shard it on (a jitted
+    function's parameters cannot be split unevenly): e.g. model.hidden_size ('embed') over fsdp."""
+    m = config.model
+    dims = {  # logical axis of a parameter dimension -> (config key, size)
+        "vocab": ("model.vocab_size", m.vocab_size),
+        "embed": ("model.hidden_size", m.hidden_size),
+        "norm": ("model.hidden_size", m.hidden_size),
+        "heads": ("model.num_heads", m.num_heads),
+        "kv_heads": ("model.num_kv_heads", m.num_kv_heads),
+        "head_dim": ("model.hidden_size", m.hidden_size // m.num_heads),
+        "mlp": ("model.ffn_size", m.ffn_size),
+    }
+    if m.scan_layers:
+        dims["layers"] = ("model.num_layers", m.num_layers)
+    sizes = dict(zip(sharding.MESH_AXES, shape))
+    seen = set()
+    for name, axes in sharding.rules(config):  # the first rule of a name is the one applied
+        if name not in dims or name in seen:
+            continue
+        seen.add(name)
+        axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+        n = math.prod(sizes.get(a, 1) for a in axes)
+        key, size = dims[name]
+        what = f"head dimension {size}" if name == "head_dim" else str(size)
+        _require(int(size) % n == 0, key, f"{what} is not divisible by {' x '.join(f'mesh.{a}' for a in axes)}={n} "
+                 f"(the parameters' {name!r} axis is sharded over it)")

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from mlm_vs_clm import aot
-from mlm_vs_clm.config import load_config
+from mlm_vs_clm.config import ConfigError, load_config
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 210m at a reduced batch and sequence so that compiling stays within seconds on a CPU.
@@ -42,6 +42,20 @@ def test_batch_that_does_not_split_over_the_mesh_is_rejected():
         aot.check(config, "clm")
 
 
+@pytest.mark.parametrize("overrides,mesh,message", [
+    # the reviewer's 1b-on-128-chips case in small: hidden_size is sharded over fsdp
+    ({"model.hidden_size": 36, "model.num_heads": 2, "model.num_kv_heads": 2}, (1, 8, 1),
+     "model.hidden_size: 36 is not divisible by mesh.fsdp=8"),
+    ({"model.vocab_size": 255}, (4, 1, 2), "model.vocab_size: 255 is not divisible by mesh.tensor=2"),
+    ({"model.ffn_size": 191}, (2, 2, 2), "model.ffn_size: 191 is not divisible by mesh.tensor=2"),
+])
+def test_a_parameter_that_does_not_split_over_the_mesh_is_a_config_error(overrides, mesh, message):
+    config = load_config("configs/pretrain.py:tiny", {"train.batch_size": 8, "train.seq_len": 16, **overrides})
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = mesh
+    with pytest.raises(ConfigError, match=message):
+        aot.check(config, "clm")
+
+
 def test_cli_reports_the_verdict_and_exits_non_zero_when_it_does_not_fit(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     cmd = [
@@ -70,3 +84,17 @@ def test_mesh_layouts():
         meshes.layout_shape("h100x8", 12)
     with pytest.raises(ValueError, match="does not split into 512"):
         meshes.apply_mesh_layout(load_config("configs/pretrain.py:1b"), "tpu_v4", 512)
+
+
+def test_cli_checks_the_mesh_layout_of_the_config(tmp_path):
+    """Without --mesh/--layout the check applies config.mesh.layout as the train command does."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    cmd = [sys.executable, "-m", "mlm_vs_clm.aot", "--config=configs/pretrain.py:tiny", "--config.mesh.layout=fsdp",
+           "--objective=clm"]
+    proc = subprocess.run(cmd + ["--devices=4", f"--json={tmp_path / 'r.json'}"], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, check=False, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (row,) = json.loads((tmp_path / "r.json").read_text())["reports"]
+    assert row["mesh"] == [1, 4, 1]  # tiny's own sizes would give 4x1x1
+    bad = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, check=False, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1] == "aot: mesh.layout='fsdp' needs --devices"

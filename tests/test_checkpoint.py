@@ -295,6 +295,9 @@ def test_non_finite_steps_are_skipped_then_stop(corpus, tmp_path, monkeypatch):
     ("train.eval_batches", 0, "train.eval_batches"),
     ("train.keep", 0, "train.keep"),
     ("optimizer.decay_fraction", 0.98, "optimizer.decay_fraction"),
+    ("train.batch_size", 0, "train.batch_size: must be positive"),
+    ("model.rope_scaling", "yarn", "model.rope_scaling"),
+    ("tokens.special_ids", tuple(range(4096)), "tokens.special_ids"),
 ])
 def test_invalid_configs_are_named(key, value, message):
     config = load_config("configs/pretrain.py:tiny", {key: value, "train.batch_size": 8} if key != "train.batch_size"

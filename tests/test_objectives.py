@@ -3,6 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import flax.linen as nn
+import ml_collections
 
 from mlm_vs_clm import objectives, schedules
 from mlm_vs_clm.model import LanguageModel, ModelConfig, init_params
@@ -61,6 +62,38 @@ def test_replacement_policies():
     assert 0.75 < frac_mask < 0.85 and 0.07 < frac_kept < 0.14
     with pytest.raises(ValueError, match="replacement"):
         _draw(b, 0.5, replacement="bogus")
+
+
+@pytest.mark.parametrize("special_ids,vocab_size", [
+    ((0, 1, 2, 3, 4), 256),  # this project's tokenizers: the lowest ids
+    (tuple(range(128000, 128256)), 128256),  # Llama-3: bos/eos/reserved ids at the top
+    ((50256, 50257), 50258),  # GPT-2 with a mask token appended last
+])
+def test_random_replacement_tokens_are_non_special_and_in_the_vocabulary(special_ids, vocab_size):
+    B, L = 32, 128
+    tokens = np.random.default_rng(0).integers(0, vocab_size, (B, L))
+    filler = min(set(range(10)) - set(special_ids))
+    tokens = np.where(np.isin(tokens, special_ids), filler, tokens).astype(np.int32)
+    batch = {"tokens": tokens, "segment_ids": np.ones((B, L), np.int32),
+             "positions": np.tile(np.arange(L, dtype=np.int32), (B, 1))}
+    tok = ml_collections.ConfigDict(dict(mask_id=special_ids[-1], special_ids=special_ids))
+    m = objectives.draw_mask(mask_rng(0, 0), batch, 0.5, tok, vocab_size, "80_10_10")
+    inputs, sel = np.asarray(m.inputs), np.asarray(m.selected)
+    randomised = sel & (inputs != tok.mask_id) & (inputs != tokens)
+    assert randomised.sum() > 0.07 * sel.sum()
+    drawn = inputs[randomised]
+    assert ((drawn >= 0) & (drawn < vocab_size)).all() and not np.isin(drawn, special_ids).any()
+
+
+def test_random_non_special_is_uniform_over_exactly_the_non_special_ids():
+    special = (0, 3, 4, 9, 15, 99)  # 99 lies outside the vocabulary: ignored
+    ids = np.asarray(objectives.random_non_special(jax.random.PRNGKey(0), (200_000,), special, 16))
+    allowed = sorted(set(range(16)) - set(special))
+    counts = np.bincount(ids, minlength=16)
+    assert counts[list(special[:-1])].sum() == 0 and ids.max() < 16
+    assert np.abs(counts[allowed] / len(ids) - 1 / len(allowed)).max() < 0.005
+    with pytest.raises(ValueError, match="tokens.special_ids"):
+        objectives.random_non_special(jax.random.PRNGKey(0), (4,), tuple(range(8)), 8)
 
 
 def test_sparse_and_dense_heads_give_the_same_loss():
