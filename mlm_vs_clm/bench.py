@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import re
 import resource
 import sys
@@ -28,6 +29,7 @@ import numpy as np
 from mlm_vs_clm import bench_peer, flops, host_memory, schedules, sharding, train_state
 from mlm_vs_clm import model as model_lib
 from mlm_vs_clm import step as step_lib
+from mlm_vs_clm.config import ConfigError
 
 DEFAULT_OBJECTIVES = ("clm", "mlm40")
 FIRST_ORDINARY_ID = 5  # ids below are pad/unk/bos/eos/mask in every preset
@@ -338,6 +340,17 @@ def table(result: dict) -> str:
     return "\n".join(lines) + "\n\n" + "; ".join(notes)
 
 
+def _check_args(config, json_path: str) -> None:
+    """Raise ConfigError for a config the train CLI would refuse or a --json with no folder to
+    go in, before anything is built or timed."""
+    from mlm_vs_clm.validate import validate
+
+    validate(config, jax.device_count())
+    folder = os.path.dirname(os.path.abspath(json_path)) if json_path else ""
+    if folder and not os.path.isdir(folder):
+        raise ConfigError(f"--json: folder {folder} does not exist")
+
+
 def main(argv):
     from absl import flags
 
@@ -348,9 +361,10 @@ def main(argv):
             kept = f.keep_host_memory and host_memory.keep_mapped(respect_env=False)
         else:  # as the train CLI: MLM_VS_CLM_HOST_MEMORY, by default kept when JAX runs on the CPU
             kept = host_memory.keep_mapped()
+        _check_args(f.config, f.json)
         result = run(f.config, [s.strip() for s in f.objectives.split(",") if s.strip()], f.steps, f.warmup,
                      f.peer, f.data, f.data_seconds, f.peer_kept, f.rewarm)
-    except (ValueError, RuntimeError) as e:
+    except (ValueError, RuntimeError) as e:  # ConfigError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     result["host_memory_kept_mapped"] = bool(kept)

@@ -2,6 +2,11 @@
 
 `python -m mlm_vs_clm.replicate --workdir=replication_runs --report_dir=replication [--scale=full]`
 
+The defaults of --workdir and --report_dir follow the scale: `replication_runs` and
+`replication` (the committed report) for `full`; `replication_runs_SCALE` and
+`replication_runs_SCALE/report` for another scale, so a smoke run never mixes its runs with a
+full one's nor overwrites replication/REPORT.md unless --report_dir says so.
+
 One size (the `tiny` preset), one budget (`--scale=full`: 1,500 steps of 16 x 128 tokens),
 on the demo corpus (BBC News), every run seeing the same token stream:
 1. pure MLM-40, pure CLM, and CLM-then-MLM-40 at 25 / 50 / 75 % CLM (equal steps and tokens;
@@ -12,7 +17,10 @@ on the demo corpus (BBC News), every run seeing the same token stream:
    MLM run (fresh optimizer, the same extra compute).
 Every checkpoint is fine-tuned on the `news` suite (4 tasks) with 3 seeds; the report
 (replication_report.py) writes REPORT.md with tables, plots and a verdict per finding.
-Every stage resumes: rerunning skips what is done. Stage commands go to the run logs.
+Every stage resumes: rerunning skips what is done. Stage commands go to the run logs. A
+continued-pretraining run records its source checkpoint and steps in its done.json; a workdir
+whose run was made from another source or for other steps stops the command with one line
+(replicate: ...) rather than being reused or overwritten.
 """
 
 from __future__ import annotations
@@ -26,8 +34,9 @@ import ml_collections
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", "replication_runs", "Where the runs go.")
-flags.DEFINE_string("report_dir", "replication", "Where REPORT.md and its plots go.")
+flags.DEFINE_string("workdir", "", "Where the runs go (default: replication_runs, or replication_runs_SCALE).")
+flags.DEFINE_string("report_dir", "", "Where REPORT.md and its plots go (default: replication for --scale=full, "
+                    "else WORKDIR/report).")
 flags.DEFINE_enum("scale", "full", ["full", "smoke"], "full: `make replicate`; smoke: seconds (tests).")
 
 SCHEDULES = ("mlm40", "clm", "clm25_mlm40", "clm50_mlm40", "clm75_mlm40")
@@ -80,13 +89,22 @@ def run_pretraining(workdir: str, scale: dict) -> dict:
 def run_cpt(workdir: str, scale: dict, sources: dict) -> dict:
     """MLM-40 continued pretraining from the CLM and the MLM runs' final checkpoints."""
     from mlm_vs_clm import sweep_runner as sweep
+    from mlm_vs_clm.checkpoint import resolve_step_dir
 
     out = {}
     for name in ("clm", "mlm40"):
         rdir = os.path.join(workdir, "cpt", f"from_{name}")
         out[name] = rdir
         done = os.path.join(rdir, "done.json")
+        made_from = {"source": resolve_step_dir(sources[name]), "steps": scale["cpt_steps"]}
         if os.path.isfile(done):
+            with open(done) as f:
+                recorded = json.load(f)
+            if {k: recorded.get(k) for k in made_from} != made_from:
+                raise RuntimeError(
+                    f"{rdir} was made from {recorded.get('source', '(unrecorded)')} for "
+                    f"{recorded.get('steps', '(unrecorded)')} steps, not from {made_from['source']} for "
+                    f"{made_from['steps']} steps: use another --workdir or remove that folder")
             continue
         os.makedirs(rdir, exist_ok=True)
         args = ["mlm_vs_clm.train", "--config=configs/pretrain.py:tiny,mlm40", f"--workdir={rdir}",
@@ -97,7 +115,7 @@ def run_cpt(workdir: str, scale: dict, sources: dict) -> dict:
         print(f"cpt: MLM-40 for {scale['cpt_steps']} steps from the {name} run", flush=True)
         sweep._subprocess(args, os.path.join(rdir, "train.log"))
         with open(done, "w") as f:
-            json.dump({"wall_s": time.time() - start, **sweep._final_metrics(rdir)}, f)
+            json.dump({"wall_s": time.time() - start, **made_from, **sweep._final_metrics(rdir)}, f)
     return out
 
 
@@ -120,12 +138,19 @@ def intermediate_checkpoints(run_dir: str, steps: int) -> list[str]:
     return [os.path.join(run_dir, "checkpoints", str(int(round(f * steps)))) for f in KEEP_FRACTIONS]
 
 
+def output_dirs(scale_name: str, workdir: str = "", report_dir: str = "") -> tuple[str, str]:
+    """Absolute (workdir, report_dir); empty ones take the scale's defaults (module docstring)."""
+    full = scale_name == "full"
+    workdir = os.path.abspath(workdir or ("replication_runs" if full else f"replication_runs_{scale_name}"))
+    return workdir, os.path.abspath(report_dir or ("replication" if full else os.path.join(workdir, "report")))
+
+
 def main(argv) -> int:
     del argv
     from mlm_vs_clm import replication_report
 
     scale = SCALES[FLAGS.scale]
-    workdir, report_dir = os.path.abspath(FLAGS.workdir), os.path.abspath(FLAGS.report_dir)
+    workdir, report_dir = output_dirs(FLAGS.scale, FLAGS.workdir, FLAGS.report_dir)
     start = time.time()
     try:
         _stage(f"1/4 pretraining: tiny, {scale['steps']} steps, {', '.join(SCHEDULES)}")

@@ -1,9 +1,12 @@
 """REPORT.md of `make replicate`: tables, plots and a verdict per finding of PAPER.md.
 
-Scores. For a checkpoint and a task, the learning rate is chosen by the mean validation score
-over seeds; a seed's score is then the mean over tasks of its test score at the chosen rates.
-A checkpoint's score is the mean over seeds of those, and its seed spread their standard
-deviation (ddof 1).
+Scores. For a checkpoint and a task, the learning rate is the one the fine-tuning table
+picks (finetune/report.summarize: fewest runs without a score, then the best mean validation
+score); a seed's score is then the mean over tasks of its test score at the chosen rates, and
+a seed without a score at one of them failed: it has no score (it is not averaged over fewer
+tasks). A checkpoint's score is the mean over its scored seeds, and its seed spread their
+standard deviation (ddof 1); the tables say when some seeds failed ("2 of 3 seeds"). When
+every seed has a score, the score is the mean of the table's per-task means.
 
 Verdicts. A comparison A vs B that the study expects to favour A has margin = score(A) -
 score(B) and spread = sqrt(sd(A)^2 + sd(B)^2) (the spread of a difference of two single-seed
@@ -36,19 +39,23 @@ def _mean_sd(values) -> tuple[float, float]:
 
 
 def seed_scores(runs: list, checkpoint: str) -> dict:
-    """seed -> mean over tasks of the test score at each task's best learning rate."""
+    """seed -> mean over tasks of the test score at each task's best learning rate; NaN for a
+    seed without a score at one of those rates (module docstring)."""
     mine = [r for r in runs if r["checkpoint"] == checkpoint]
-    per_seed: dict = {}
-    for task in dict.fromkeys(r["task"] for r in mine):
-        rs = [r for r in mine if r["task"] == task]
-        lrs = sorted({r["lr"] for r in rs})
-        val = {lr: _mean_sd([r["best_validation"] for r in rs if r["lr"] == lr])[0] for lr in lrs}
-        finite = [lr for lr in lrs if np.isfinite(val[lr])]
-        best = max(finite, key=lambda lr: val[lr]) if finite else lrs[0]
-        for r in rs:
-            if r["lr"] == best:
-                per_seed.setdefault(r["seed"], []).append(r["test"] if r["test"] is not None else float("nan"))
-    return {s: float(np.nanmean(v)) if np.isfinite(v).any() else float("nan") for s, v in per_seed.items()}
+    best = {row["task"]: row["best_lr"] for row in ft_report.summarize(mine)}
+    per_seed = {r["seed"]: {} for r in mine}
+    for r in mine:
+        if r["lr"] == best[r["task"]] and r["test"] is not None:
+            per_seed[r["seed"]][r["task"]] = r["test"]
+    return {s: float(np.mean([got[t] for t in best])) if len(got) == len(best) else float("nan")
+            for s, got in per_seed.items()}
+
+
+def _seeds_note(runs: list, checkpoint: str) -> str:
+    """' (k of n seeds)' when some seeds have no score, else ''."""
+    values = list(seed_scores(runs, checkpoint).values())
+    scored = sum(np.isfinite(v) for v in values)
+    return "" if scored == len(values) else f" ({scored} of {len(values)} seeds)"
 
 
 def task_scores(runs: list, checkpoint: str) -> dict:
@@ -158,12 +165,18 @@ def _plots(report_dir, final_runs, middle_runs, runs, steps, middle_ckpts, clm_f
 
 def write(report_dir: str, *, runs: dict, cpt: dict, final_dir: str, middle_dir: str, scale: dict,
           scale_name: str, pretrain_csv: str, elapsed_s: float) -> str:
+    from mlm_vs_clm.checkpoint import resolve_step_dir
+
     os.makedirs(report_dir, exist_ok=True)
     final_runs = ft_report.load_runs(final_dir)
     middle_runs = ft_report.load_runs(middle_dir)
     steps = scale["steps"]
-    middle_ckpts = {n: [os.path.join(runs[n], "checkpoints", str(int(round(f * steps)))) for f in (0.25, 0.5, 0.75)]
-                    for n in ("mlm40", "clm")}
+    middle_ckpts = {n: [os.path.abspath(os.path.join(runs[n], "checkpoints", str(int(round(f * steps)))))
+                        for f in (0.25, 0.5, 0.75)] for n in ("mlm40", "clm")}
+    # The fine-tuning grids name a checkpoint by its step directory (a run directory's newest step).
+    cpt_dirs = cpt
+    runs = {n: resolve_step_dir(p) for n, p in runs.items()}
+    cpt = {n: resolve_step_dir(p) for n, p in cpt_dirs.items()}
     scores = {n: score(final_runs, runs[n]) for n in LABELS}
     cpt_scores = {n: score(final_runs, cpt[n]) for n in ("clm", "mlm40")}
     early = {n: score(middle_runs, middle_ckpts[n][0]) for n in ("mlm40", "clm")}
@@ -198,8 +211,8 @@ def write(report_dir: str, *, runs: dict, cpt: dict, final_dir: str, middle_dir:
              f"{_f(v2a[1])} | **{v2a[2]}** |")
     L.append(f"| 2b. CLM is more stable to fine-tune | spread over LRs x seeds: CLM {_f(sc)} vs MLM-40 {_f(sm)} "
              f"(Levene p = {_f(p, 3)}) | {_f(sm - sc)} | - | **{v2b}** |")
-    L.append(f"| 3. CLM-then-MLM beats MLM at equal compute | {LABELS[best_split]} (best split) - MLM-40 | "
-             f"{_f(v3[0])} | {_f(v3[1])} | **{v3[2]}** |")
+    L.append(f"| 3. CLM-then-MLM beats MLM at equal steps and tokens | {LABELS[best_split]} (best split) - "
+             f"MLM-40 | {_f(v3[0])} | {_f(v3[1])} | **{v3[2]}** |")
     L.append(f"| 4. MLM CPT from CLM beats MLM CPT from MLM | from CLM - from MLM-40, {scale['cpt_steps']} steps | "
              f"{_f(v4[0])} | {_f(v4[1])} | **{v4[2]}** |")
     L.append("\nFinding 3 picks the best of three splits, which favours the biphasic side; each split's "
@@ -212,8 +225,9 @@ def write(report_dir: str, *, runs: dict, cpt: dict, final_dir: str, middle_dir:
         ts = task_scores(final_runs, runs[n])
         cells = [f"{_f(ts.get(t, (np.nan,))[0])} ± {_f(ts.get(t, (0, np.nan))[1])}" for t in tasks]
         row = losses.get(n, {})
-        L.append(f"| {LABELS[n]} | " + " | ".join(cells) + f" | {_f(scores[n][0])} ± {_f(scores[n][1])} | "
-                 f"{_f(float(row.get('val_mlm_loss') or 'nan'), 3)} | {_f(float(row.get('val_clm_loss') or 'nan'), 3)} |")
+        L.append(f"| {LABELS[n]} | " + " | ".join(cells) + f" | {_f(scores[n][0])} ± {_f(scores[n][1])}"
+                 f"{_seeds_note(final_runs, runs[n])} | {_f(float(row.get('val_mlm_loss') or 'nan'), 3)} | "
+                 f"{_f(float(row.get('val_clm_loss') or 'nan'), 3)} |")
     L.append(f"\n![split ratio]({files['split_ratio']})\n")
 
     L.append("## 2. Data efficiency and stability\n")
@@ -245,8 +259,9 @@ def write(report_dir: str, *, runs: dict, cpt: dict, final_dir: str, middle_dir:
     L.append("| start | news score | val MLM loss after CPT |")
     L.append("|---|---|---|")
     for n in ("clm", "mlm40"):
-        val = _done_loss(cpt[n])
-        L.append(f"| {LABELS[n]} run | {_f(cpt_scores[n][0])} ± {_f(cpt_scores[n][1])} | {_f(val, 3)} |")
+        val = _done_loss(cpt_dirs[n])
+        L.append(f"| {LABELS[n]} run | {_f(cpt_scores[n][0])} ± {_f(cpt_scores[n][1])}"
+                 f"{_seeds_note(final_runs, cpt[n])} | {_f(val, 3)} |")
 
     L.append("\n## Setup\n")
     L.append(f"- Pretraining: preset `tiny` (2 layers, d=64, vocab 4,096), {steps} steps of 16 x 128 tokens "

@@ -212,6 +212,22 @@ def test_bench_bad_arguments_are_one_line_errors():
     assert proc.stderr.strip().splitlines()[-1].startswith("error: bench: need steps >= 1")
 
 
+@pytest.mark.parametrize("args, expected", [
+    (["--config.train.batch_size=0"], "error: train.batch_size: must be positive, got 0"),
+    (["--config.model.num_kv_heads=3"], "error: model.num_kv_heads: 3 kv heads do not divide num_heads"),
+    (["--json={missing}/bench.json"], "error: --json: folder {missing} does not exist"),
+])
+def test_bench_checks_its_config_and_json_folder_before_running(tmp_path, args, expected):
+    missing = str(tmp_path / "missing")
+    args = [a.format(missing=missing) for a in args]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-m", "mlm_vs_clm.bench", "--config=configs/pretrain.py:tiny", *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=120, check=False, env=env)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(expected.format(missing=missing))
+    assert "Traceback" not in proc.stderr and "| ours" not in proc.stdout  # nothing was timed
+
+
 def test_interleaved_times_take_turns_and_rewarm():
     calls = []
 

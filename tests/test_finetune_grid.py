@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -169,9 +170,9 @@ def test_cli_news_quick_on_a_saved_checkpoint(tok, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert sorted(r["task"] for r in results["runs"]) == ["cloze_qa", "topic"]
-    assert all(r["checkpoint"] == str(tmp_path / "run") for r in results["runs"])
+    assert all(r["checkpoint"] == str(tmp_path / "run" / "checkpoints" / "0") for r in results["runs"])
     md = (tmp_path / "out" / "results.md").read_text()
-    assert "| topic | accuracy | run |" in md and "| cloze_qa | f1 | run |" in md
+    assert "| topic | accuracy | run@0 |" in md and "| cloze_qa | f1 | run@0 |" in md
     assert (tmp_path / "out" / "scores.png").exists() and "| topic |" in proc.stdout
     before = (tmp_path / "out" / "results.json").read_bytes()
     again = _cli(args, env)
@@ -182,6 +183,13 @@ def test_cli_news_quick_on_a_saved_checkpoint(tok, tmp_path):
         f"finetune: {tmp_path / 'out' / 'results.json'} was made with attention=bidirectional; "
         "this config has attention=causal: use a new --workdir"
     )
+    # The run trains further (a newer step): the same command fine-tunes the new step, keeps the old runs.
+    shutil.copytree(tmp_path / "run" / "checkpoints" / "0", tmp_path / "run" / "checkpoints" / "5")
+    newer = _cli(args, env)
+    assert newer.returncode == 0, newer.stderr[-3000:]
+    runs = json.loads((tmp_path / "out" / "results.json").read_text())["runs"]
+    assert sorted(os.path.basename(r["checkpoint"]) for r in runs) == ["0", "0", "5", "5"]
+    assert "| topic | accuracy | run@5 |" in newer.stdout and "run@0" not in newer.stdout
 
 
 @pytest.mark.parametrize("case", ["empty checkpoint folder", "task row without its label"])

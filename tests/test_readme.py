@@ -1,9 +1,10 @@
 """Every `python -m mlm_vs_clm.X ...` command in README.md and docs/*.md parses: the module
 exists, each flag is one it defines, config files load and every `--config.KEY=VALUE`
 override names a real key. (What the commands do is tested elsewhere; this catches docs
-that drift from the code.)"""
+that drift from the code.) And the demo, the README's first command, says what it ran."""
 
 import glob
+import json
 import os
 import re
 import shlex
@@ -64,3 +65,16 @@ def test_documented_command_parses(module, argv):
     proc = subprocess.run([sys.executable, "-c", PARSE, module, *argv], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=120, check=False)
     assert proc.returncode == 0 and "parsed" in proc.stdout, f"{module} {' '.join(argv)}\n{proc.stderr[-1500:]}"
+
+
+def test_demo_closing_text_names_what_was_trained_and_exported(tmp_path):
+    from mlm_vs_clm import train  # noqa: F401 - its flags first: importing the demo must define none
+
+    from mlm_vs_clm import demo
+
+    assert demo.describe_schedule("clm50_mlm40", 30, 0.4) == "CLM for 15 steps, then MLM-40 for 15 steps"
+    assert demo.describe_schedule("clm", 30, 0.4) == "CLM for 30 steps"
+    assert demo.describe_schedule("mlm", 30, 0.3) == "MLM-30 for 30 steps"
+    for causal, loader in ((True, "LlamaForCausalLM"), (False, "AutoModelForMaskedLM")):
+        (tmp_path / "config.json").write_text(json.dumps({"is_causal": causal}))
+        assert demo.hf_loader(str(tmp_path)).startswith(loader)

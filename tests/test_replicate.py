@@ -1,11 +1,13 @@
 """`make replicate` at smoke scale end to end, and the verdict rules of its report."""
 
+import json
 import os
 import re
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from mlm_vs_clm import replication_report as rr
 
@@ -35,6 +37,24 @@ def test_seed_scores_pick_the_best_learning_rate_per_task():
     assert rr.score(runs, "a") == (41.5, float(np.std([40.0, 43.0], ddof=1)))
 
 
+def test_verdict_score_uses_the_tables_learning_rate_and_counts_a_failed_seed():
+    from mlm_vs_clm.finetune import report
+
+    failed = _runs("a", {"t1": [80, 82, None]}, lr=1e-3)
+    runs = failed + _runs("a", {"t1": [70, 71, 72]}, lr=3e-4) + _runs("a", {"t2": [20, 21, 22]})
+    # 1e-3 wins on its two survivors (81) but has a failed seed: the table picks 3e-4 for t1
+    table = {row["task"]: row for row in report.summarize(runs)}
+    assert table["t1"]["best_lr"] == 3e-4
+    assert rr.seed_scores(runs, "a") == {0: 45.0, 1: 46.0, 2: 47.0}
+    assert rr.score(runs, "a")[0] == np.mean([table["t1"]["test_mean"], table["t2"]["test_mean"]]) == 46.0
+    # a seed without a score at the chosen rate has no score, rather than the mean of fewer tasks
+    runs = _runs("a", {"t1": [80, 82, None]}) + _runs("a", {"t2": [20, 21, 22]})
+    seeds = rr.seed_scores(runs, "a")
+    assert (seeds[0], seeds[1]) == (50.0, 51.5) and np.isnan(seeds[2])
+    assert rr.score(runs, "a") == (50.75, float(np.std([50.0, 51.5], ddof=1)))
+    assert rr._seeds_note(runs, "a") == " (2 of 3 seeds)"
+
+
 def test_stability_verdict_uses_the_spread_across_runs():
     rng = np.random.default_rng(0)
     calm = _runs("clm", {"t": list(50 + rng.normal(0, 0.5, 30))})
@@ -43,6 +63,38 @@ def test_stability_verdict_uses_the_spread_across_runs():
     assert rr.stability_verdict(calm + wild, "mlm", "clm")[3] == "disagrees"
     same = _runs("mlm", {"t": [r["test"] + 3.0 for r in calm]})  # the same spread around another mean
     assert rr.stability_verdict(calm + same, "clm", "mlm")[3] == "cannot tell"
+
+
+def test_output_dirs_keep_other_scales_out_of_the_committed_report(tmp_path, monkeypatch):
+    from mlm_vs_clm import replicate
+
+    monkeypatch.chdir(tmp_path)
+    assert replicate.output_dirs("full") == (str(tmp_path / "replication_runs"), str(tmp_path / "replication"))
+    assert replicate.output_dirs("smoke") == (str(tmp_path / "replication_runs_smoke"),
+                                              str(tmp_path / "replication_runs_smoke" / "report"))
+    assert replicate.output_dirs("smoke", "w") == (str(tmp_path / "w"), str(tmp_path / "w" / "report"))
+    assert replicate.output_dirs("smoke", "w", "replication")[1] == str(tmp_path / "replication")  # asked for
+
+
+def test_cpt_runs_made_from_another_source_or_for_other_steps_are_refused(tmp_path):
+    from mlm_vs_clm import replicate
+
+    scale = dict(replicate.SCALES["full"])
+    sources = {n: str(tmp_path / "pretrain" / n) for n in ("clm", "mlm40")}
+    for n in sources:
+        (tmp_path / "pretrain" / n / "checkpoints" / "1500" / "state").mkdir(parents=True)
+    made = {n: {"source": os.path.join(sources[n], "checkpoints", "1500"), "steps": 500} for n in sources}
+    for n in sources:
+        (tmp_path / "cpt" / f"from_{n}").mkdir(parents=True)
+        (tmp_path / "cpt" / f"from_{n}" / "done.json").write_text(json.dumps(made[n]))
+    assert replicate.run_cpt(str(tmp_path), scale, sources) == {
+        n: str(tmp_path / "cpt" / f"from_{n}") for n in sources}  # done: nothing is trained
+    scale["cpt_steps"] = 8  # e.g. the smoke scale's continuation in a full scale's workdir
+    with pytest.raises(RuntimeError, match="for 500 steps, not from .* for 8 steps: use another --workdir"):
+        replicate.run_cpt(str(tmp_path), scale, sources)
+    (tmp_path / "cpt" / "from_clm" / "done.json").write_text(json.dumps({"val_mlm_loss": 5.0}))  # older
+    with pytest.raises(RuntimeError, match=r"made from \(unrecorded\) for \(unrecorded\) steps"):
+        replicate.run_cpt(str(tmp_path), replicate.SCALES["full"], sources)
 
 
 def test_replicate_smoke_end_to_end(tmp_path):
@@ -54,12 +106,11 @@ def test_replicate_smoke_end_to_end(tmp_path):
     text = (report_dir / "REPORT.md").read_text()
     verdicts = re.findall(r"\| \*\*(agrees|disagrees|cannot tell[^*]*)\*\* \|", text)
     assert len(verdicts) == 5, text
+    assert "| 3. CLM-then-MLM beats MLM at equal steps and tokens |" in text
     for png in ("data_efficiency.png", "split_ratio.png", "stability.png"):
         assert (report_dir / png).stat().st_size > 1000
         assert f"({png})" in text
     # every final checkpoint (5 schedules + 2 CPT runs) was fine-tuned on the grid: 2 LRs x 3 seeds
-    import json
-
     with open(workdir / "finetune_final" / "results.json") as f:
         runs = json.load(f)["runs"]
     assert len(runs) == 7 * 2 * 3
@@ -70,6 +121,8 @@ def test_replicate_smoke_end_to_end(tmp_path):
     assert "resumed from step 10;" in log
     cpt_log = (workdir / "cpt" / "from_clm" / "train.log").read_text()
     assert "initialised from" in cpt_log and "tiny_20_clm_s0" in cpt_log
+    done = json.loads((workdir / "cpt" / "from_clm" / "done.json").read_text())
+    assert done["steps"] == 8 and done["source"].endswith(os.path.join("tiny_20_clm_s0", "checkpoints", "20"))
     # a rerun does nothing but rewrite the report
     again = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "5 of 5 runs already done" in again.stdout

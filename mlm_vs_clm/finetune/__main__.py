@@ -2,6 +2,7 @@
 
 Fine-tunes every checkpoint on every task of the suite over the learning-rate x seed grid and
 writes DIR/results.json, DIR/results.md and DIR/scores.png; rerunning skips finished runs.
+A checkpoint is named by the step directory it resolves to (a run directory: its newest step).
 Bad input (config, checkpoint, task files, a workdir made with other settings) is found before
 any work and stops with status 2 and one line starting "finetune: ".
 """
@@ -76,14 +77,17 @@ def main(argv) -> int:
         missing = [p for p in paths if not os.path.exists(p)]
         if missing:
             raise ConfigError(f"config: checkpoint path(s) not found: {', '.join(missing)}")
-        for p in paths:  # a folder without a checkpoint, or one without its config
-            read_config(resolve_step_dir(p))
+        # A run directory stands for its newest step: runs are keyed by the step directory, so
+        # a run that has trained further since is a new checkpoint, not one already done.
+        step_dirs = list(dict.fromkeys(resolve_step_dir(p) for p in paths))
+        for d in step_dirs:  # a folder without a checkpoint, or one without its config
+            read_config(d)
         grid.check_workdir(ft, FLAGS.workdir)
         tasks = _tasks(ft)
     except (ConfigError, ValueError, CheckpointError) as e:
         print(f"finetune: {e}", file=sys.stderr)
         return 2
-    checkpoints = [grid.Checkpoint(p, _loader(p)) for p in paths]
+    checkpoints = [grid.Checkpoint(d, _loader(d)) for d in step_dirs]
     progress = None
     if ft.progress:
         from tqdm import tqdm

@@ -1,9 +1,12 @@
 """The evaluation grid: checkpoints x tasks x learning rates x seeds, resumable.
 
 Every finished run is appended to DIR/results.json at once (keyed by task, checkpoint,
-learning rate and seed); a rerun skips the keys it finds there. A checkpoint is loaded only
-if one of its runs is still missing. The config is stored beside the runs, and a rerun whose
-result-affecting settings (every key but RERUN_FREE_KEYS) differ from it is refused.
+learning rate and seed; the command line names a checkpoint by its absolute step directory,
+so a run directory that has trained further is a new checkpoint); a rerun skips the keys it
+finds there. Runs under other names (a results.json that named a checkpoint by the path as
+given) stay in the file and are not reused. A checkpoint is loaded only if one of its runs is
+still missing. The config is stored beside the runs, and a rerun whose result-affecting
+settings (every key but RERUN_FREE_KEYS) differ from it is refused.
 """
 
 from __future__ import annotations
