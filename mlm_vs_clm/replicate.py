@@ -34,10 +34,15 @@ import ml_collections
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", "", "Where the runs go (default: replication_runs, or replication_runs_SCALE).")
-flags.DEFINE_string("report_dir", "", "Where REPORT.md and its plots go (default: replication for --scale=full, "
-                    "else WORKDIR/report).")
-flags.DEFINE_enum("scale", "full", ["full", "smoke"], "full: `make replicate`; smoke: seconds (tests).")
+
+
+def _define_flags() -> None:
+    """The command's flags, defined when it runs (importing the module for its helpers defines
+    none: `workdir` would clash with the train command's)."""
+    flags.DEFINE_string("workdir", "", "Where the runs go (default: replication_runs, or replication_runs_SCALE).")
+    flags.DEFINE_string("report_dir", "", "Where REPORT.md and its plots go (default: replication for --scale=full, "
+                        "else WORKDIR/report).")
+    flags.DEFINE_enum("scale", "full", ["full", "smoke"], "full: `make replicate`; smoke: seconds (tests).")
 
 SCHEDULES = ("mlm40", "clm", "clm25_mlm40", "clm50_mlm40", "clm75_mlm40")
 KEEP_FRACTIONS = (0.25, 0.5, 0.75)
@@ -182,4 +187,5 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(lambda argv: sys.exit(main(argv)))

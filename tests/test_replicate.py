@@ -66,7 +66,7 @@ def test_stability_verdict_uses_the_spread_across_runs():
 
 
 def test_output_dirs_keep_other_scales_out_of_the_committed_report(tmp_path, monkeypatch):
-    from mlm_vs_clm import replicate
+    from mlm_vs_clm import replicate, train  # noqa: F401 - train first: replicate defines no flags on import
 
     monkeypatch.chdir(tmp_path)
     assert replicate.output_dirs("full") == (str(tmp_path / "replication_runs"), str(tmp_path / "replication"))
@@ -77,7 +77,7 @@ def test_output_dirs_keep_other_scales_out_of_the_committed_report(tmp_path, mon
 
 
 def test_cpt_runs_made_from_another_source_or_for_other_steps_are_refused(tmp_path):
-    from mlm_vs_clm import replicate
+    from mlm_vs_clm import replicate, train  # noqa: F401 - train first: replicate defines no flags on import
 
     scale = dict(replicate.SCALES["full"])
     sources = {n: str(tmp_path / "pretrain" / n) for n in ("clm", "mlm40")}
