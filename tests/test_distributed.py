@@ -263,12 +263,13 @@ def _preempt(args, env, workdir, signal_to, after_records):
             return sum(1 for line in f if line.strip())
 
     start_records = records()
+    env = {**env, "MLM_VS_CLM_PORT": str(portpicker.pick_unused_port())}  # apart from other tests' picks
     launcher = subprocess.Popen(["bash", LOCAL_SH, "2", *args], env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and launcher.poll() is None and records() < start_records + after_records:
         time.sleep(0.1)
-    assert launcher.poll() is None, launcher.communicate()[1][-2000:]
+    assert launcher.poll() is None and records() >= start_records + after_records, launcher.communicate()[1][-2000:]
     for pid in signal_to(launcher.pid):
         os.kill(pid, signal.SIGTERM)
     out, err = launcher.communicate(timeout=180)
