@@ -13,6 +13,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -37,10 +38,14 @@ class _Preemption:
 
     With several processes, a signal may reach only some of them, or reach them at different
     steps; `agreed()` is True on every process at the same step once any process has seen one,
-    so that all of them save that step together (the save is collective) and stop."""
+    so that all of them save that step together (the save is collective) and stop. The flags
+    are gathered on the devices after each step and read one step later, when that gather has
+    long finished: the host never waits for the step it has just dispatched."""
 
-    def __init__(self):
+    def __init__(self, mesh):
         self.requested = False
+        self._mesh = mesh
+        self._pending = None
         signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
@@ -49,10 +54,24 @@ class _Preemption:
     def agreed(self) -> bool:
         if jax.process_count() == 1:
             return self.requested
-        from jax.experimental import multihost_utils
+        previous, self._pending = self._pending, _any_process(self.requested, self._mesh)
+        return previous is not None and bool(previous)
 
-        # one int per process, gathered after the step this process just dispatched
-        return bool(np.asarray(multihost_utils.process_allgather(np.int32(self.requested))).any())
+
+@jax.jit
+def _any(flags):
+    return jnp.any(flags > 0)
+
+
+def _any_process(flag: bool, mesh):
+    """Whether any process's `flag` is set, as a device scalar (not fetched)."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    local = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+    sharding = NamedSharding(mesh, P(tuple(mesh.axis_names)))
+    flags = jax.make_array_from_process_local_data(sharding, np.full((local,), int(flag), np.int32), (mesh.size,))
+    with jax.set_mesh(mesh):
+        return _any(flags)
 
 
 def _to_global(batch_np: dict, mesh) -> dict:
@@ -181,7 +200,7 @@ def train(config, workdir: str, devices=None) -> dict:
     print(f"{how}; {t.steps} steps of {t.batch_size}x{t.seq_len} tokens, objective {config.objective}, "
           f"mesh {dict(mesh.shape)}", flush=True)
     writer = logs.MetricsWriter(workdir, start, t.steps, progress=t.progress)
-    preemption = _Preemption()
+    preemption = _Preemption(mesh)
     tokens_per_step = t.batch_size * t.seq_len
     pending, last, t_last = None, {}, time.time()
 
