@@ -7,15 +7,56 @@ then MLM with YY % masking; a plain `mlm` takes its ratio from `mlm.mask_ratio`,
 sets the validation masks of every run). Any key can be overridden: `--config.train.steps=100`.
 """
 
+import dataclasses
+
 import ml_collections
 
-# name: (layers, hidden, heads, kv_heads, ffn, vocab, seq_len, batch, steps)
+from mlm_vs_clm import schedules
+
+
+@dataclasses.dataclass(frozen=True)
+class Size:
+    """A size preset: the architecture, the batch and length, and how a run of that size is run."""
+
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    ffn: int
+    vocab: int  # embedding rows
+    seq_len: int
+    batch: int  # rows per optimizer step (global)
+    steps: int
+    tokenizer_vocab: int = 0  # pieces of a tokenizer trained on the source; 0 = `vocab`
+    dtype: str = "float32"
+    remat_policy: str = "none"
+    scan_layers: bool = True
+    loss_chunk_size: int = 32
+    learning_rate: float = 1e-3
+    warmup_fraction: float = 0.05
+    log_every: int = 10
+    eval_every: int = 100
+    checkpoint_every: int = 100
+    mesh_data: int = -1  # -1 = every device not used by the other axes
+    mesh_fsdp: int = 1
+
+
+# The study's sizes (PAPER.md): bf16 compute, rematerialised blocks, FSDP over every device.
+_PAPER_RUN = dict(
+    seq_len=2048, batch=2304, steps=42000, tokenizer_vocab=32000, dtype="bfloat16", remat_policy="dots_no_batch",
+    loss_chunk_size=128, learning_rate=3e-4, warmup_fraction=0.01, log_every=50, eval_every=1000,
+    checkpoint_every=1000, mesh_data=1, mesh_fsdp=-1,
+)
+
 SIZES = {
-    "tiny": (2, 64, 4, 2, 192, 4096, 128, 16, 200),
-    "small": (6, 256, 4, 4, 1024, 32000, 128, 32, 2000),
-    "210m": (12, 768, 12, 12, 3072, 128256, 2048, 2304, 42000),
-    "610m": (26, 1152, 18, 6, 4096, 128256, 2048, 2304, 42000),
-    "1b": (28, 1728, 18, 6, 5120, 128256, 2048, 2304, 42000),
+    "tiny": Size(layers=2, hidden=64, heads=4, kv_heads=2, ffn=192, vocab=4096, seq_len=128, batch=16, steps=200),
+    # Unrolled on `small`: on a CPU the scan's stacked residuals (zeroed, then written and read
+    # layer by layer) slow the step (docs/performance.md).
+    "small": Size(layers=6, hidden=256, heads=4, kv_heads=4, ffn=1024, vocab=32000, seq_len=128, batch=32,
+                  steps=2000, scan_layers=False),
+    "210m": Size(layers=12, hidden=768, heads=12, kv_heads=12, ffn=3072, vocab=128256, **_PAPER_RUN),
+    "610m": Size(layers=26, hidden=1152, heads=18, kv_heads=6, ffn=4096, vocab=128256, **_PAPER_RUN),
+    "1b": Size(layers=28, hidden=1728, heads=18, kv_heads=6, ffn=5120, vocab=128256, **_PAPER_RUN),
 }
 
 # Logical axis name -> mesh axes. Parameters are sharded over `fsdp` (and `tensor` for the
@@ -41,8 +82,7 @@ DEFAULT_RULES = (
 
 
 def _size_config(name: str) -> ml_collections.ConfigDict:
-    layers, hidden, heads, kv_heads, ffn, vocab, seq_len, batch, steps = SIZES[name]
-    big = name in ("210m", "610m", "1b")
+    z = SIZES[name]
     c = ml_collections.ConfigDict()
     c.preset = name
     c.seed = 0
@@ -54,12 +94,12 @@ def _size_config(name: str) -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict(
         dict(
-            vocab_size=vocab,
-            hidden_size=hidden,
-            num_layers=layers,
-            num_heads=heads,
-            num_kv_heads=kv_heads,
-            ffn_size=ffn,
+            vocab_size=z.vocab,
+            hidden_size=z.hidden,
+            num_layers=z.layers,
+            num_heads=z.heads,
+            num_kv_heads=z.kv_heads,
+            ffn_size=z.ffn,
             rope_theta=10000.0,
             # Llama-3 style frequency scaling for imported checkpoints ('' = none, 'llama3').
             rope_scaling="",
@@ -69,18 +109,17 @@ def _size_config(name: str) -> ml_collections.ConfigDict:
             rope_original_max_position=8192,
             norm_eps=1e-5,
             init_std=0.02,
-            dtype="bfloat16" if big else "float32",
+            dtype=z.dtype,
             param_dtype="float32",
-            # Attention kernel: '' (by device and dtype: model.resolve_attention), 'xla', 'cudnn'
-            # (dense segment mask), 'cudnn_packed' (cuDNN's packed layout, Hopper+: gpu_ops.py).
+            # Attention backend: '' (by device and dtype: kernels/attention.py), 'xla', 'cudnn'
+            # (dense segment mask), 'cudnn_packed' (cuDNN's packed layout, Hopper+: kernels/gpu.py).
             attention_impl="",
             # cudnn_packed: segments per row it describes; a batch with more takes the dense mask.
             attention_max_segments=32,
-            # Unrolled on `small`: on a CPU the scan's stacked residuals (zeroed, then written and
-            # read layer by layer) cost 9 % of the CLM step (docs/performance.md).
-            scan_layers=name != "small",
+            embed_grad_f32="auto",  # a 16-bit embedding's gradient summed in f32: auto (off on CPUs), on, off
+            scan_layers=z.scan_layers,
             # 'none', 'full', 'dots', 'dots_no_batch' (see model.REMAT_POLICIES).
-            remat_policy="dots_no_batch" if big else "none",
+            remat_policy=z.remat_policy,
         )
     )
 
@@ -101,13 +140,13 @@ def _size_config(name: str) -> ml_collections.ConfigDict:
         )
     )
     # Cross-entropies are computed this many positions of each row at a time (never full f32 logits).
-    c.loss_chunk_size = 128 if big else 32
+    c.loss_chunk_size = z.loss_chunk_size
 
     c.optimizer = ml_collections.ConfigDict(
         dict(
-            learning_rate=3e-4 if big else 1e-3,
+            learning_rate=z.learning_rate,
             schedule="wsd",  # 'wsd' (warmup-stable-decay), 'cosine', 'constant'
-            warmup_fraction=0.01 if big else 0.05,
+            warmup_fraction=z.warmup_fraction,
             decay_fraction=0.1,  # wsd: last fraction of steps decays linearly to min_lr
             min_lr_ratio=0.0,
             rewarmup_at_switch=False,
@@ -122,14 +161,14 @@ def _size_config(name: str) -> ml_collections.ConfigDict:
 
     c.train = ml_collections.ConfigDict(
         dict(
-            steps=steps,
-            batch_size=batch,
-            seq_len=seq_len,
+            steps=z.steps,
+            batch_size=z.batch,
+            seq_len=z.seq_len,
             grad_accum_steps=1,
-            log_every=10 if not big else 50,
-            eval_every=100 if not big else 1000,
+            log_every=z.log_every,
+            eval_every=z.eval_every,
             eval_batches=4,
-            checkpoint_every=100 if not big else 1000,
+            checkpoint_every=z.checkpoint_every,
             keep=3,
             keep_steps=(),
             max_bad_steps=10,
@@ -138,11 +177,9 @@ def _size_config(name: str) -> ml_collections.ConfigDict:
     )
 
     c.mesh = ml_collections.ConfigDict(
-        # layout: '' (use data/fsdp/tensor as given) or a named layout of configs/meshes.py
-        dict(data=-1, fsdp=1 if not big else -1, tensor=1, rules=DEFAULT_RULES, layout="", devices_per_node=0)
+        # layout: '' (use data/fsdp/tensor as given) or a named layout (mlm_vs_clm/sharding.py)
+        dict(data=z.mesh_data, fsdp=z.mesh_fsdp, tensor=1, rules=DEFAULT_RULES, layout="", devices_per_node=0)
     )
-    if big:
-        c.mesh.data = 1
 
     c.data = ml_collections.ConfigDict(
         dict(
@@ -150,7 +187,7 @@ def _size_config(name: str) -> ml_collections.ConfigDict:
             text_field="text",
             text_mode="file",  # plain text: 'file' (one document per file) or 'blocks' (blank-line blocks)
             tokenizer="",  # path of a tokenizer; '' = train one on the source (cached)
-            tokenizer_vocab_size=vocab if not big else 32000,
+            tokenizer_vocab_size=z.tokenizer_vocab or z.vocab,
             shuffle=True,
             worker_count=0,
             # False: every process packs the global stream and keeps its rows (batches do not
@@ -172,8 +209,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         raise ValueError(f"config: more than one objective preset in {arg!r}")
     config = _size_config(sizes[0] if sizes else "tiny")
     if others:
-        from mlm_vs_clm import schedules
-
-        schedules.parse_objective(others[0])  # fails early on an unknown preset
+        try:
+            schedules.parse_objective(others[0])  # fails early on an unknown preset
+        except ValueError as e:
+            raise ValueError(f"config: {others[0]!r} is neither a size ({', '.join(SIZES)}) nor an objective "
+                             f"preset ({e})") from None
         config.objective = others[0]
     return config

@@ -1,6 +1,6 @@
 """Multi-host start-up on JAX's own runtime (`jax.distributed.initialize`), and helpers.
 
-Call `initialize_from_flags()` (or `initialize(...)`) first thing in a CLI, before any other
+Call `initialize(...)` first thing in a CLI (the train command passes its flags), before any other
 JAX call. Where the processes come from:
   - TPU pod slice (a TPU VM with chips) or `MLM_VS_CLM_DISTRIBUTED=auto`: JAX detects the
     coordinator, the process count and the process id itself.
@@ -29,17 +29,8 @@ import sys
 import threading
 
 import jax
-from absl import flags
 
-flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0's coordinator (multi-process runs).")
-flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")
-flags.DEFINE_integer("process_id", None, "Index of this process, 0 .. num_processes - 1.")
-flags.DEFINE_integer(
-    "distributed_timeout", None, "Seconds to wait for every process to reach the coordinator (default 300)."
-)
-flags.DEFINE_integer(
-    "collective_timeout", None, "Seconds a cross-process collective may wait before failing (default: XLA's)."
-)
+from mlm_vs_clm.cache import cache_dir
 
 ENV_COORDINATOR = "MLM_VS_CLM_COORDINATOR"
 ENV_NUM_PROCESSES = "MLM_VS_CLM_NUM_PROCESSES"
@@ -201,28 +192,12 @@ def initialize(
     _connect(timeouts, timeout_s, where)
 
 
-def initialize_from_flags() -> None:
-    """`initialize` with the --coordinator_address/--num_processes/--process_id/... flags."""
-    f = flags.FLAGS
-    initialize(
-        f.coordinator_address,
-        f.num_processes,
-        f.process_id,
-        f.distributed_timeout,
-        collective_timeout_s=f.collective_timeout,
-    )
-
-
 def enable_compilation_cache() -> str:
     """JAX's persistent compilation cache for the command-line tools: a rerun, a resume or the
     next run of a sweep with the same shapes loads its compiled programs instead of compiling.
     `MLM_VS_CLM_COMPILATION_CACHE` (else JAX's `JAX_COMPILATION_CACHE_DIR`) names the folder
     (`off` disables it); the default is
     `<project cache>/jax` (`MLM_VS_CLM_CACHE`, else ~/.cache/mlm_vs_clm). Returns the folder."""
-    import jax
-
-    from mlm_vs_clm.data.demo_corpus import cache_dir
-
     folder = (os.environ.get("MLM_VS_CLM_COMPILATION_CACHE") or os.environ.get("JAX_COMPILATION_CACHE_DIR")
               or os.path.join(cache_dir(), "jax"))
     if folder == "off":

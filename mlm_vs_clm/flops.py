@@ -61,7 +61,7 @@ def train_flops_per_token(model_cfg, seq_len: int, objective_kind: str, mask_rat
 def keys_in_segments(segment_ids_BxL, causal: bool) -> float:
     """Keys per query (averaged over all B*L positions, padding included) that lie inside the
     query's own segment of a packed batch: the attention a kernel that skips every block
-    between segments computes (cuDNN's packed layout, mlm_vs_clm/gpu_ops.py)."""
+    between segments computes (cuDNN's packed layout, mlm_vs_clm/kernels/gpu.py)."""
     seg = np.asarray(segment_ids_BxL)
     pairs = 0.0
     for row in seg:

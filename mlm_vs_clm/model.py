@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mlm_vs_clm import cpu_ops, gpu_ops
+from mlm_vs_clm.kernels import attention, ops
 
 MASK_MODES = ("causal", "bidirectional")
 
@@ -57,6 +57,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     attention_impl: str = ""
     attention_max_segments: int = 32
+    embed_grad_f32: str = "auto"  # a 16-bit embedding's gradient summed in f32: auto (off on CPUs), on, off
     scan_layers: bool = True
     remat_policy: str = "none"
 
@@ -65,7 +66,7 @@ class ModelConfig:
         return self.hidden_size // self.num_heads
 
     @classmethod
-    def from_config(cls, model_cfg) -> "ModelConfig":
+    def from_config(cls, model_cfg) -> ModelConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in dict(model_cfg).items() if k in names})
 
@@ -96,12 +97,7 @@ def rope_tables(positions_BxL: jnp.ndarray, cfg: ModelConfig):
 
 
 def apply_rope(x_BxLxNxH, cos_BxLxH, sin_BxLxH):
-    if cpu_ops.wanted(x_BxLxNxH.dtype):
-        rotated = cpu_ops.rotate_half(x_BxLxNxH)
-    else:
-        half = x_BxLxNxH.shape[-1] // 2
-        x1, x2 = x_BxLxNxH[..., :half], x_BxLxNxH[..., half:]
-        rotated = jnp.concatenate([-x2, x1], axis=-1)
+    rotated = ops.rotate_half(x_BxLxNxH)
     cos, sin = cos_BxLxH[:, :, None, :], sin_BxLxH[:, :, None, :]
     out = x_BxLxNxH.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin
     return out.astype(x_BxLxNxH.dtype)
@@ -114,26 +110,12 @@ def attention_mask(segment_ids_BxL: jnp.ndarray) -> jnp.ndarray:
     return same[:, None, :, :]
 
 
-ATTENTION_IMPLS = ("", "xla", "cudnn", "cudnn_packed")
+ATTENTION_IMPLS = attention.ATTENTION_IMPLS
 
 
 def resolve_attention(cfg: ModelConfig) -> str:
-    """The attention kernel a model runs: `cfg.attention_impl` when set, else by device and dtype:
-    'cpu_ops' (16-bit on a CPU, mlm_vs_clm/cpu_ops.py), 'cudnn_packed' (16-bit on a Hopper or
-    newer NVIDIA GPU, mlm_vs_clm/gpu_ops.py), 'cudnn' (16-bit on an Ampere GPU, or on Hopper with
-    a jax that lacks the packed layout), or
-    'default' (whatever `jax.nn.dot_product_attention` picks: XLA's)."""
-    if cfg.attention_impl:
-        return cfg.attention_impl
-    dtype = jnp.dtype(cfg.dtype)
-    if cpu_ops.wanted(dtype):
-        return "cpu_ops"
-    capability = gpu_ops.cuda_compute_capability()
-    if capability is not None and dtype.itemsize == 2:
-        if capability >= (9, 0) and gpu_ops.packed_layout_available():
-            return "cudnn_packed"
-        return "cudnn" if capability >= (8, 0) else "default"
-    return "default"
+    """The attention backend this model runs (kernels/attention.py)."""
+    return attention.resolve(cfg.attention_impl, cfg.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -177,10 +159,7 @@ class Proj(nn.Module):
         n_in, n_out = math.prod(in_shape), math.prod(self.out_shape)
         x_TxI = x.astype(dtype).reshape(math.prod(lead), n_in)
         kernel_IxO = kernel.reshape(n_in, n_out)
-        if cpu_ops.wanted(dtype):  # 16-bit compute on a CPU: every product on the bf16 units
-            y_TxO = cpu_ops.matmul(dtype.name, kernel_IxO.dtype.name)(x_TxI, kernel_IxO)
-        else:
-            y_TxO = x_TxI @ kernel_IxO.astype(dtype)
+        y_TxO = ops.matmul(x_TxI, kernel_IxO, dtype)
         return y_TxO.reshape(*lead, *self.out_shape)
 
 
@@ -208,27 +187,9 @@ class Block(nn.Module):
         )
         q_BxLxNxH = apply_rope(q_BxLxNxH, cos_BxLxH, sin_BxLxH)
         k_BxLxKxH = apply_rope(k_BxLxKxH, cos_BxLxH, sin_BxLxH)
-        impl = resolve_attention(cfg)
-        causal = self.mask_mode == "causal"
-        if impl == "cpu_ops":
-            if causal:
-                L = mask_Bx1xLxL.shape[-1]
-                mask_Bx1xLxL = mask_Bx1xLxL & jnp.tril(jnp.ones((L, L), bool))
-            groups = N // K  # grouped queries: kv head n // groups serves query head n
-            o_BxLxNxH = cpu_ops.attention(
-                q_BxLxNxH, jnp.repeat(k_BxLxKxH, groups, axis=2), jnp.repeat(v_BxLxKxH, groups, axis=2), mask_Bx1xLxL
-            )
-        elif impl == "cudnn_packed":
-            o_BxLxNxH = gpu_ops.attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask_Bx1xLxL, packed, causal)
-        else:
-            o_BxLxNxH = jax.nn.dot_product_attention(
-                q_BxLxNxH,
-                k_BxLxKxH,
-                v_BxLxKxH,
-                mask=mask_Bx1xLxL,
-                is_causal=causal,
-                implementation=None if impl == "default" else impl,
-            )
+        o_BxLxNxH = attention.dot_product_attention(
+            resolve_attention(cfg), q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask_Bx1xLxL, packed, self.mask_mode == "causal"
+        )
         o_BxLxNxH = nn.with_logical_constraint(
             o_BxLxNxH, ("activation_batch", "activation_length", "activation_heads", None)
         )
@@ -245,12 +206,6 @@ class Block(nn.Module):
         x_BxLxD = x_BxLxD + mlp_BxLxD
         x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("activation_batch", "activation_length", "activation_embed"))
         return x_BxLxD, None
-
-
-# Embedding gradients of a 16-bit model summed in f32 (`embedding_lookup`): None = on GPUs and
-# TPUs, True / False = everywhere / nowhere (tools/perf/gpu_attention.py times both). CPUs keep
-# autodiff's 16-bit scatter-add: there, the f32 one measured 4-6 % slower steps (docs/performance.md).
-EMBED_GRAD_F32: bool | None = None
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -299,8 +254,7 @@ class Embed(nn.Module):
             jnp.dtype(cfg.param_dtype),
         )
         table_VxD = nn.with_logical_constraint(table_VxD.astype(jnp.dtype(cfg.dtype)), ("vocab", None))
-        f32_grad = EMBED_GRAD_F32 if EMBED_GRAD_F32 is not None else jax.default_backend() != "cpu"
-        if f32_grad and table_VxD.dtype.itemsize < 4:
+        if ops.embed_grad_f32(cfg.embed_grad_f32) and table_VxD.dtype.itemsize < 4:
             return embedding_lookup(table_VxD, tokens_BxL)
         return jnp.take(table_VxD, tokens_BxL, axis=0)
 
@@ -318,9 +272,7 @@ class Encoder(nn.Module):
         x_BxLxD = Embed(cfg, name="embed")(tokens_BxL)
         x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("activation_batch", "activation_length", "activation_embed"))
         mask_Bx1xLxL = attention_mask(segment_ids_BxL)
-        packed = None
-        if resolve_attention(cfg) == "cudnn_packed":
-            packed = gpu_ops.packed_segments(segment_ids_BxL, cfg.attention_max_segments)
+        packed = attention.prepare(resolve_attention(cfg), segment_ids_BxL, cfg.attention_max_segments)
         cos_BxLxH, sin_BxLxH = rope_tables(positions_BxL, cfg)
 
         block = Block

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from mlm_vs_clm import cpu_ops
+from mlm_vs_clm.kernels import ops
 from mlm_vs_clm.schedules import Objective
 
 
@@ -31,6 +31,8 @@ class Head(NamedTuple):
     kernel_DxV: jnp.ndarray
     dtype: Any = jnp.float32
 
+
+REPLACEMENTS = ("mask", "80_10_10")  # mlm.replacement
 
 def _chunk_stats(logits_TxV, targets_T):
     """f32 statistics of one chunk of logits: (logits, exp(z - max), its row sum, cross-entropy,
@@ -57,10 +59,7 @@ def _xent_sums(dtype):
     (d logits = weights * (softmax - onehot)), so the backward pass only scales them by the
     incoming cotangent: three head matmuls per chunk (logits, d h, d kernel), none recomputed."""
 
-    # On a CPU a 16-bit product asks for an f32 result, which XLA's CPU backend runs on the AMX /
-    # AVX512-BF16 units; a bf16 result makes it an f32 dot (mlm_vs_clm/cpu_ops.py).
-    acc = jnp.float32 if jax.default_backend() == "cpu" else None
-    sixteen_bit_on_cpu = cpu_ops.wanted(dtype)
+    acc = ops.dot_accumulation()
 
     def logits_of(kernel_DxV, h_TxD):
         return jnp.matmul(h_TxD.astype(dtype), kernel_DxV.astype(dtype), preferred_element_type=acc)
@@ -88,16 +87,13 @@ def _xent_sums(dtype):
             # the head on a CPU).
             dlogits_TxV = (exp_TxV * (w_T / sum_T)[:, None] - onehot_TxV * w_T[:, None]).astype(dtype)
             # [T, V] x [D, V] contracted over V: no transpose op feeds the dot, which would send a
-            # bf16 dot to XLA's f32 path on a CPU (mlm_vs_clm/cpu_ops.py).
+            # bf16 dot to XLA's f32 path on a CPU (mlm_vs_clm/kernels/cpu.py).
             dh_TxD = jax.lax.dot_general(dlogits_TxV, kernel_c, (((1,), (1,)), ((), ())), preferred_element_type=acc)
             # h^T as its own [D, T] array: XLA's CPU backend then runs a plain [D, T] x [T, V] GEMM
             # instead of writing d logits a second time, transposed (measured 1.2x for the chunk).
             # A 16-bit h^T must also stay out of the dot's reach for the dot to run in bf16
             # (part of what `python tools/perf/cpu_ops_ab.py` measures as the matmul version).
-            if sixteen_bit_on_cpu:
-                hT_DxT = cpu_ops.standalone_transpose(h_TxD.astype(dtype))
-            else:
-                hT_DxT = jax.lax.optimization_barrier(h_TxD.astype(dtype).T)
+            hT_DxT = ops.transposed_operand(h_TxD, dtype)
             dkernel_DxV = dkernel_DxV + jnp.matmul(hT_DxT, dlogits_TxV, preferred_element_type=jnp.float32)
             carry = (loss + jnp.sum(xent_T * w_T), correct + jnp.sum(hits_T * w_T), dkernel_DxV)
             return carry, (dh_TxD.astype(h_TxD.dtype), xent_T)
@@ -222,7 +218,7 @@ def draw_mask(rng, batch, mask_ratio: float, tokens_cfg, vocab_size: int, replac
         replaced = jnp.where(u < 0.8, mask_tok, jnp.where(u < 0.9, random_tok, tokens))
         inputs = jnp.where(selected, replaced, tokens)
     else:
-        raise ValueError(f"mlm.replacement: unknown policy {replacement!r} (use 'mask' or '80_10_10')")
+        raise ValueError(f"mlm.replacement: unknown policy {replacement!r} (one of {', '.join(REPLACEMENTS)})")
     return Masking(inputs, selected, order_BxM, valid_BxM)
 
 

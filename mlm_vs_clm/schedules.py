@@ -40,6 +40,8 @@ class Phase:
 _NAME = re.compile(r"^(clm|mlm)(\d{1,2})?$")
 
 
+LR_SCHEDULES = ("wsd", "cosine", "constant")  # optimizer.schedule
+
 def _objective(name: str, default_ratio: float) -> Objective:
     m = _NAME.match(name)
     if not m or (m.group(1) == "clm" and m.group(2)):
@@ -157,7 +159,7 @@ def learning_rate_schedule(opt_cfg, total_steps: int, switch_steps: tuple[int, .
             [optax.linear_schedule(0.0, peak, max(warmup, 1)), optax.constant_schedule(peak)], [warmup]
         )
     else:
-        raise ValueError(f"optimizer.schedule: unknown schedule {opt_cfg.schedule!r} (wsd, cosine, constant)")
+        raise ValueError(f"optimizer.schedule: unknown schedule {opt_cfg.schedule!r} ({', '.join(LR_SCHEDULES)})")
     if not (opt_cfg.rewarmup_at_switch and switch_steps):
         return base
     rewarm = max(1, int(round(opt_cfg.rewarmup_fraction * total_steps)))

@@ -12,7 +12,8 @@ import functools
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from mlm_vs_clm import objectives, sharding
 from mlm_vs_clm.schedules import Objective
@@ -127,7 +128,7 @@ def batch_shardings(mesh) -> dict:
     return {"tokens": s, "segment_ids": s, "positions": s}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _jitted_train_step(setup: Setup, objective: Objective):
     return jax.jit(
         functools.partial(train_step, setup, objective),
@@ -137,7 +138,7 @@ def _jitted_train_step(setup: Setup, objective: Objective):
     )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _jitted_eval_step(setup: Setup, objective: Objective):
     return jax.jit(
         functools.partial(eval_step, setup, objective),

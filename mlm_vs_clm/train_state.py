@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from mlm_vs_clm import schedules, sharding
 from mlm_vs_clm.model import LanguageModel, ModelConfig, init_params

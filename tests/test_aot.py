@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from mlm_vs_clm import aot
+from mlm_vs_clm import aot, sharding
 from mlm_vs_clm.config import ConfigError, load_config
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,7 +38,7 @@ def test_210m_memory_is_reported_and_shrinks_with_more_fsdp():
 def test_batch_that_does_not_split_over_the_mesh_is_rejected():
     config = load_config("configs/pretrain.py:210m", {"train.batch_size": 12, "train.seq_len": 64})
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, 8, 1
-    with pytest.raises(ValueError, match="does not split into 8 data-parallel devices"):
+    with pytest.raises(ValueError, match="not divisible by data-parallel size 8"):
         aot.check(config, "clm")
 
 
@@ -73,7 +73,7 @@ def test_cli_reports_the_verdict_and_exits_non_zero_when_it_does_not_fit(tmp_pat
 
 
 def test_mesh_layouts():
-    meshes = aot.mesh_layouts()
+    meshes = sharding
     assert meshes.layout_shape("h100x8", 64) == (8, 8, 1)
     assert meshes.layout_shape("tpu_v5p", 128) == (1, 128, 1)
     assert meshes.layout_shape("tpu_v5p", 256, devices_per_node=128) == (2, 128, 1)
@@ -82,7 +82,7 @@ def test_mesh_layouts():
     assert (config.mesh.data, config.mesh.fsdp, config.mesh.tensor) == (24, 8, 1)  # 2304 / 192 = 12 rows each
     with pytest.raises(ValueError, match="not a whole number of nodes"):
         meshes.layout_shape("h100x8", 12)
-    with pytest.raises(ValueError, match="does not split into 512"):
+    with pytest.raises(ValueError, match="not divisible by data-parallel size 512"):
         meshes.apply_mesh_layout(load_config("configs/pretrain.py:1b"), "tpu_v4", 512)
 
 

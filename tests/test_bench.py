@@ -12,9 +12,10 @@ import jax
 import numpy as np
 import pytest
 
-from mlm_vs_clm import bench, flops, host_memory, schedules, sharding, train_state
+from mlm_vs_clm import bench, flops, schedules, sharding, train_state
 from mlm_vs_clm import step as step_lib
 from mlm_vs_clm.config import load_config
+from mlm_vs_clm.kernels import host_memory
 from mlm_vs_clm.model import ModelConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -137,7 +138,7 @@ def test_keep_mapped_stops_page_faults_on_reuse():
     # faults every page in again; with the setting the pages stay mapped.
     script = (
         "import ctypes, resource, sys\n"
-        "from mlm_vs_clm import bench, host_memory\n"
+        "from mlm_vs_clm import bench\nfrom mlm_vs_clm.kernels import host_memory\n"
         "if sys.argv[1] == 'on': assert host_memory.keep_mapped(respect_env=False)\n"
         "if sys.argv[1] == 'env': assert host_memory.keep_mapped()\n"
         "libc = ctypes.CDLL('libc.so.6'); libc.malloc.restype = ctypes.c_void_p\n"
@@ -272,7 +273,7 @@ def test_peer_and_peak_follow_a_16_bit_compute_dtype():
     # compute, as ours) and the peak chain accumulates each bf16 product in f32, as our step does.
     import ml_collections
 
-    from mlm_vs_clm import bench_peer
+    from mlm_vs_clm.bench import peer as bench_peer
 
     torch = pytest.importorskip("torch")  # the hf extra
     pytest.importorskip("transformers")
@@ -311,7 +312,7 @@ def _dot_operand_types(hlo_text: str) -> list:
 
 def test_bf16_step_on_cpu_runs_every_matmul_in_bf16():
     # XLA's CPU backend sends a bf16 dot with a bf16 result or a transposed operand to its f32
-    # path (3-4x slower); mlm_vs_clm/cpu_ops.py and the loss avoid both, forward and backward.
+    # path (3-4x slower); mlm_vs_clm/kernels/cpu.py and the loss avoid both, forward and backward.
     c = load_config("configs/pretrain.py:tiny,clm")
     c.model.dtype = "bfloat16"
     mesh = sharding.make_mesh(c.mesh, jax.devices()[:1])  # one CPU device, as the benchmark runs
@@ -367,7 +368,7 @@ def test_step_bound_reads_every_product_of_the_step(dtype):
     # tools/perf/step_bound.py times the step's products alone; the products it reads out of the
     # optimised HLO, each counted once per trip of the loops around it (layers scanned, loss
     # chunks), must add up to the model's analytic FLOPs (bf16 adds RoPE's small rotation
-    # products, mlm_vs_clm/cpu_ops.py).
+    # products, mlm_vs_clm/kernels/cpu.py).
     step_bound = _perf_tool("step_bound")
     c = load_config("configs/pretrain.py:tiny")
     c.model.dtype = dtype

@@ -14,10 +14,9 @@ import pytest
 
 from mlm_vs_clm import checkpoint as ckpt_lib
 from mlm_vs_clm import sharding, train_state
-from mlm_vs_clm.config import ConfigError, load_config
+from mlm_vs_clm.config import ConfigError, load_config, validate
 from mlm_vs_clm.data import pipeline
 from mlm_vs_clm.train import TrainingError, train
-from mlm_vs_clm.validate import validate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -58,7 +57,7 @@ def _cli(args, **kw):
 
 
 def _cli_flags(corpus, workdir, steps=12):
-    return [f"--config=configs/pretrain.py:tiny,clm50_mlm40", f"--workdir={workdir}",
+    return ["--config=configs/pretrain.py:tiny,clm50_mlm40", f"--workdir={workdir}",
             f"--config.data.source={corpus}", "--config.data.tokenizer_vocab_size=384",
             "--config.model.vocab_size=384", "--config.train.batch_size=8", "--config.train.seq_len=32",
             f"--config.train.steps={steps}", "--config.train.log_every=1", "--config.train.eval_every=6",

@@ -276,9 +276,8 @@ def test_cli_import_then_export(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert f"--config.init_from={run}" in printed
     # what a run started with that flag alone takes from the checkpoint
-    from mlm_vs_clm.config import load_config
+    from mlm_vs_clm.config import load_config, validate
     from mlm_vs_clm.train import adopt_architecture
-    from mlm_vs_clm.validate import validate
 
     cfg = load_config("configs/pretrain.py:tiny,mlm40")
     adopt_architecture(cfg, run)

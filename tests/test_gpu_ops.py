@@ -1,4 +1,4 @@
-"""cuDNN packed-layout attention (mlm_vs_clm/gpu_ops.py), checked on a CPU.
+"""cuDNN packed-layout attention (mlm_vs_clm/kernels/gpu.py), checked on a CPU.
 
 The cuDNN kernel itself runs only on a GPU (tools/perf/gpu_attention.py checks it there). Here:
 the segment description against numpy, the call into jax's cuDNN module traced with its device
@@ -12,7 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mlm_vs_clm import bench, gpu_ops, model
+from mlm_vs_clm import bench, model
+from mlm_vs_clm.kernels import cpu as cpu_kernels
+from mlm_vs_clm.kernels import gpu as gpu_ops
 from tests.helpers import tiny_config
 
 
@@ -164,7 +166,7 @@ def test_model_with_packed_attention_matches_xla(stand_in):
 def test_resolve_attention_by_device_and_dtype(monkeypatch):
     def resolve(dtype, impl="", capability=None, cpu=False):
         monkeypatch.setattr(gpu_ops, "cuda_compute_capability", lambda: capability)
-        monkeypatch.setattr(model.cpu_ops, "wanted", lambda d: cpu and jnp.dtype(d).itemsize == 2)
+        monkeypatch.setattr(cpu_kernels, "wanted", lambda d: cpu and jnp.dtype(d).itemsize == 2)
         return model.resolve_attention(model.ModelConfig(8, 8, 1, 1, 1, 8, dtype=dtype, attention_impl=impl))
 
     assert resolve("float32") == "default"

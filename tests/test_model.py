@@ -1,9 +1,10 @@
 import dataclasses
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import flax.linen as nn
 
 from mlm_vs_clm.config import load_config
 from mlm_vs_clm.model import LanguageModel, ModelConfig, count_params, init_params
@@ -117,7 +118,7 @@ def test_no_involuntary_full_rematerialization_on_a_3d_mesh(capfd):
 def test_cpu_matmul_accumulates_in_f32_and_keeps_f32_kernel_gradients():
     # The CPU path for 16-bit compute (cpu_ops.matmul): bf16 operands, f32 accumulation, the
     # kernel's gradient as an f32 product of the bf16 operands (never rounded to bf16).
-    from mlm_vs_clm import cpu_ops
+    from mlm_vs_clm.kernels import cpu as cpu_ops
 
     k = jax.random.split(jax.random.PRNGKey(3), 3)
     x = jax.random.normal(k[0], (64, 48)).astype(jnp.bfloat16)
@@ -170,7 +171,7 @@ def test_bf16_compute_on_cpu_tracks_the_f32_model():
 def test_cpu_attention_matches_the_library_forward_and_backward(causal):
     # cpu_ops.attention against jax.nn.dot_product_attention on packed rows (segments, padding),
     # in f32 (tight) and bf16 (loose); rows of padding have zero gradient in both.
-    from mlm_vs_clm import cpu_ops
+    from mlm_vs_clm.kernels import cpu as cpu_ops
     from mlm_vs_clm.model import attention_mask
 
     b = packed_batch(batch=2, length=32, segments=(12, 14))
@@ -202,7 +203,7 @@ def test_cpu_attention_matches_the_library_forward_and_backward(causal):
                                         ((2, 5, 3, 4), (0, 2, 1, 3))])
 def test_standalone_transpose_is_a_transpose(shape, axes):
     # block-wise (matrices whose sides divide into blocks of 8 or more), else pad and slice; any dtype
-    from mlm_vs_clm.cpu_ops import standalone_transpose
+    from mlm_vs_clm.kernels.cpu import standalone_transpose
 
     x = jnp.arange(np.prod(shape), dtype=jnp.float32).reshape(shape)
     for dtype in (jnp.float32, jnp.bfloat16, jnp.int32):
@@ -211,7 +212,7 @@ def test_standalone_transpose_is_a_transpose(shape, axes):
 
 
 def test_only_16_bit_models_on_a_cpu_take_the_cpu_ops_paths():
-    from mlm_vs_clm import cpu_ops
+    from mlm_vs_clm.kernels import cpu as cpu_ops
 
     assert jax.default_backend() == "cpu"
     assert cpu_ops.wanted("bfloat16") and cpu_ops.wanted(jnp.float16)
@@ -229,7 +230,7 @@ def test_only_16_bit_models_on_a_cpu_take_the_cpu_ops_paths():
 
 def test_rope_rotation_as_a_product_matches_the_halves():
     # cpu_ops.rotate_half (16-bit models on a CPU) against slices and a concatenation
-    from mlm_vs_clm import cpu_ops
+    from mlm_vs_clm.kernels import cpu as cpu_ops
     from mlm_vs_clm.model import apply_rope
 
     x = jax.random.normal(jax.random.PRNGKey(7), (2, 8, 4, 16))
@@ -250,7 +251,7 @@ def test_rope_rotation_as_a_product_matches_the_halves():
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(expected), atol=3e-2, rtol=3e-2)
 
 
-def test_embedding_gradient_sums_in_f32(monkeypatch):
+def test_embedding_gradient_sums_in_f32():
     """A bf16 table's gradient is summed in f32 (one rounding), also for a token that fills most
     positions (the mask token of MLM): equal to the f32 sum of the bf16 cotangents, rounded once."""
     from mlm_vs_clm import model
@@ -266,9 +267,8 @@ def test_embedding_gradient_sums_in_f32(monkeypatch):
     np.testing.assert_array_equal(np.asarray(ours, np.float32), np.asarray(exact.astype(jnp.bfloat16), np.float32))
     np.testing.assert_array_equal(model.embedding_lookup(table, tokens), jnp.take(table, tokens, axis=0))
     # the bf16 model takes it (by default off CPUs; forced here): its scatter-add runs in f32
-    monkeypatch.setattr(model, "EMBED_GRAD_F32", True)
     cfg = ModelConfig.from_config(tiny_config().model)
-    cfg = dataclasses.replace(cfg, dtype="bfloat16")
+    cfg = dataclasses.replace(cfg, dtype="bfloat16", embed_grad_f32="on")
     params = nn.meta.unbox(init_params(cfg, jax.random.PRNGKey(0)))
     b = packed_batch(batch=2, segments=(32,), pad_tail=False)
     loss = lambda p: LanguageModel(cfg).apply({"params": p}, b["tokens"], b["segment_ids"], b["positions"],

@@ -1,9 +1,9 @@
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
-import flax.linen as nn
-import ml_collections
 
 from mlm_vs_clm import objectives, schedules
 from mlm_vs_clm.model import LanguageModel, ModelConfig, init_params

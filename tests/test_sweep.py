@@ -5,16 +5,16 @@ import csv
 import json
 import os
 import shutil
+import signal
 import stat
 import subprocess
-import signal
 import sys
 import time
 
 import pytest
 
-from mlm_vs_clm import sweep_plan
 from mlm_vs_clm.config import ConfigError, load_config
+from mlm_vs_clm.sweep import plan as sweep_plan
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "",
@@ -283,7 +283,7 @@ def test_failed_trunk_fails_its_branches_and_keeps_going(tmp_path):
 
 
 def _plan(workdir, **kw):
-    from mlm_vs_clm import sweep_runner
+    from mlm_vs_clm.sweep import runner as sweep_runner
 
     c = _sweep_config(**kw)
     c.finetune.config = ""
@@ -302,7 +302,7 @@ def test_trunk_is_added_only_when_it_saves_compute(tmp_path):
     """Without a pure CLM schedule an added trunk costs a whole CLM run: clm50_mlm40 alone would
     spend more than it saves, so it trains from scratch; with clm75_mlm40 too the net saving
     (0.5 + 0.75 - 1 CLM runs) is what is reported."""
-    from mlm_vs_clm import sweep_runner
+    from mlm_vs_clm.sweep import runner as sweep_runner
 
     runs = _plan(tmp_path / "a", schedules=("mlm40", "clm50_mlm40"))
     assert list(runs) == ["d64_20_mlm40_s0", "d64_20_clm50_mlm40_s0"]
@@ -360,7 +360,7 @@ def test_planned_paths_work_from_any_directory(tmp_path):
 
 
 def test_finished_run_with_other_arguments_is_refused(tmp_path):
-    from mlm_vs_clm import sweep_runner
+    from mlm_vs_clm.sweep import runner as sweep_runner
 
     runs = _plan(tmp_path)
     rid = "d64_20_mlm40_s0"
@@ -385,7 +385,7 @@ def test_finished_run_with_other_arguments_is_refused(tmp_path):
 
 def test_branch_of_a_trunk_finished_without_its_checkpoint_trains_from_scratch(tmp_path, capsys):
     """clm25_mlm40 added to a sweep whose trunk already finished (keeping only step 10)."""
-    from mlm_vs_clm import sweep_runner
+    from mlm_vs_clm.sweep import runner as sweep_runner
 
     runs = _plan(tmp_path)
     trunk = _fake_done(tmp_path, runs["d64_20_clm_s0"], args_hash=runs["d64_20_clm_s0"]["args_hash"])
@@ -402,7 +402,7 @@ def test_branch_of_a_trunk_finished_without_its_checkpoint_trains_from_scratch(t
 
 
 def test_slurm_branches_wait_only_for_their_own_trunk(tmp_path, monkeypatch):
-    from mlm_vs_clm import sweep_slurm
+    from mlm_vs_clm.sweep import slurm as sweep_slurm
 
     runs = list(_plan(tmp_path / "sweep", steps=(20, 40), schedules=("clm", "clm50_mlm40", "clm25_mlm40")).values())
     log = str(tmp_path / "sbatch.log")

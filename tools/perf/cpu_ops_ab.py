@@ -1,4 +1,4 @@
-"""What mlm_vs_clm/cpu_ops.py buys a bf16 step on a CPU: an interleaved A/B of `small` with
+"""What mlm_vs_clm/kernels/cpu.py buys a bf16 step on a CPU: an interleaved A/B of `small` with
 `model.dtype=bfloat16`, CLM and MLM-40, in five versions.
 
   python tools/perf/cpu_ops_ab.py [ROUNDS]
@@ -19,16 +19,18 @@ import sys
 
 import numpy as np
 
-from mlm_vs_clm import bench, host_memory
+from mlm_vs_clm import bench
+from mlm_vs_clm.kernels import host_memory
 
 if __name__ == "__main__":
     host_memory.keep_mapped(respect_env=False)
     import jax
     import jax.numpy as jnp
 
-    from mlm_vs_clm import cpu_ops, schedules, sharding, train_state
+    from mlm_vs_clm import schedules, sharding, train_state
     from mlm_vs_clm import step as step_lib
     from mlm_vs_clm.config import load_config
+    from mlm_vs_clm.kernels import cpu as cpu_ops
 
     rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 5
     real = (cpu_ops.wanted, cpu_ops.attention, cpu_ops.standalone_transpose, cpu_ops.rotate_half)

@@ -8,7 +8,7 @@
    causal and bidirectional, grouped queries, padded rows.
 2. Benchmarks the preset (default `210m`, sequence 2,048, bf16) for each variant
    `IMPL:REMAT[:BATCH][+bf16_embed_grad|+f32_embed_grad]` through `mlm_vs_clm.bench.run` (CLM
-   and MLM-40; a suffix sets `model.EMBED_GRAD_F32`: autodiff's 16-bit scatter-add, or f32 sums
+   and MLM-40; a suffix sets `model.embed_grad_f32`: autodiff's 16-bit scatter-add, or f32 sums
    also on a CPU), writing each result to
    DIR/VARIANT.json as soon as it is done and a table at the end. Variants start only while
    `--budget_s` seconds have not passed, so a lease-limited run returns what it finished.
@@ -36,7 +36,8 @@ def check_attention() -> list[str]:
     import jax
     import jax.numpy as jnp
 
-    from mlm_vs_clm import bench, gpu_ops, model
+    from mlm_vs_clm import bench, model
+    from mlm_vs_clm.kernels import gpu as gpu_ops
 
     B, L, N, K, H = 4, 512, 4, 2, 64
     seg = jnp.asarray(bench.synthetic_batch(B, L, 100, seed=3)["segment_ids"])
@@ -151,7 +152,6 @@ def main():
 
     from configs import pretrain
     from mlm_vs_clm import bench
-    from mlm_vs_clm import model as model_lib
 
     t_start = time.perf_counter()
     print(f"jax {jax.__version__}, devices {jax.devices()}", flush=True)
@@ -171,12 +171,11 @@ def main():
         spec, _, flag = variant.partition("+")
         if flag not in ("", "bf16_embed_grad", "f32_embed_grad"):
             raise SystemExit(f"unknown variant flag {flag!r} in {variant!r}")
-        # None: the default (f32 sums off CPUs)
-        model_lib.EMBED_GRAD_F32 = {"": None, "bf16_embed_grad": False, "f32_embed_grad": True}[flag]
         impl, remat, *rest = spec.split(":")
         config = pretrain.get_config(args.preset)
         config.model.attention_impl = "" if impl == "auto" else impl
         config.model.remat_policy = remat
+        config.model.embed_grad_f32 = {"": "auto", "bf16_embed_grad": "off", "f32_embed_grad": "on"}[flag]
         config.model.dtype = args.dtype or config.model.dtype
         config.train.batch_size = int(rest[0]) if rest else args.batch
         t0 = time.perf_counter()
@@ -200,7 +199,6 @@ def main():
         print(rows[-2] + "\n" + rows[-1], flush=True)
         peak = result["peak_flops_per_second"] / 1e12
         lines.append(f"{variant}: peak {peak:.0f} TFLOP/s on {result['device']}, kernel {result['attention_kernel']}")
-    model_lib.EMBED_GRAD_F32 = None
     for objective_name in [o for o in args.profile.split(",") if o]:
         config = pretrain.get_config(args.preset)
         config.train.batch_size = args.batch

@@ -15,7 +15,8 @@ import tempfile
 
 import numpy as np
 
-from mlm_vs_clm import bench, host_memory
+from mlm_vs_clm import bench
+from mlm_vs_clm.kernels import host_memory
 
 if __name__ == "__main__":
     host_memory.keep_mapped(respect_env=False)

@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from mlm_vs_clm import host_memory
+from mlm_vs_clm.kernels import host_memory
 
 SHAPES = ((4096, 256, 1024), (4096, 1024, 256), (256, 4096, 1024), (4096, 256, 256), (1024, 256, 32000),
           (1024, 32000, 256), (256, 1024, 32000), (1024, 1024, 1024), (2048, 2048, 2048))

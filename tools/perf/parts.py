@@ -11,7 +11,8 @@ alone per layer in two layouts (jax.nn.dot_product_attention, and heads-first ei
 
 import numpy as np
 
-from mlm_vs_clm import bench, host_memory
+from mlm_vs_clm import bench
+from mlm_vs_clm.kernels import host_memory
 
 if __name__ == "__main__":
     host_memory.keep_mapped(respect_env=False)

@@ -17,7 +17,8 @@ import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_enable_xprof_traceme=true")
 
-from mlm_vs_clm import bench, host_memory  # noqa: E402
+from mlm_vs_clm import bench  # noqa: E402
+from mlm_vs_clm.kernels import host_memory
 
 if __name__ == "__main__":
     host_memory.keep_mapped(respect_env=False)

@@ -17,7 +17,8 @@ import tempfile
 
 import numpy as np
 
-from mlm_vs_clm import bench, host_memory
+from mlm_vs_clm import bench
+from mlm_vs_clm.kernels import host_memory
 
 OLD = "ab_old_mlm_vs_clm"
 

@@ -22,7 +22,8 @@ import tempfile
 
 import numpy as np
 
-from mlm_vs_clm import bench, host_memory
+from mlm_vs_clm import bench
+from mlm_vs_clm.kernels import host_memory
 
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%([\w.\-]+) .*\{$")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (\w+)\[([\d,]*)\]\S* ([\w\-]+)\((.*)$")
@@ -138,8 +139,9 @@ if __name__ == "__main__":
     host_memory.keep_mapped(respect_env=False)
     import jax
 
-    from mlm_vs_clm import bench_peer, schedules, sharding, train_state
+    from mlm_vs_clm import schedules, sharding, train_state
     from mlm_vs_clm import step as step_lib
+    from mlm_vs_clm.bench import peer as bench_peer
     from mlm_vs_clm.config import load_config
 
     dtype = sys.argv[1] if len(sys.argv) > 1 else "float32"

@@ -19,7 +19,7 @@ import shutil
 import subprocess
 
 from mlm_vs_clm.config import REPO_ROOT
-from mlm_vs_clm.sweep_plan import is_done
+from mlm_vs_clm.sweep.plan import is_done
 
 _SCRIPT = """#!/usr/bin/env bash
 # Stage {stage} of the sweep in {workdir}: {count} runs, one array task each.

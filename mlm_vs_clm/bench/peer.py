@@ -17,7 +17,7 @@ import sys
 
 import numpy as np
 
-from mlm_vs_clm import host_memory
+from mlm_vs_clm.kernels import host_memory
 
 
 def peer_runner(config, batch_np: dict):
@@ -91,7 +91,7 @@ def peer_process_runner(config, batch_np: dict, folder: str, keep_host_memory: b
         json.dump(_peer_config(config), fh)
     env = dict(os.environ, **{host_memory.ENV: "kept" if keep_host_memory else "default"})
     proc = subprocess.Popen(
-        [sys.executable, "-c", f"from mlm_vs_clm.bench_peer import _peer_child; _peer_child({folder!r})"],
+        [sys.executable, "-c", f"from mlm_vs_clm.bench.peer import _peer_child; _peer_child({folder!r})"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
     )
 

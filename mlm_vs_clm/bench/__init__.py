@@ -13,12 +13,10 @@ batch; `--data` times the input pipeline against the rows/s the step consumes.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import re
 import resource
-import sys
 import tempfile
 import time
 
@@ -26,10 +24,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mlm_vs_clm import bench_peer, flops, host_memory, schedules, sharding, train_state
+from mlm_vs_clm import flops, schedules, sharding, train_state
 from mlm_vs_clm import model as model_lib
 from mlm_vs_clm import step as step_lib
-from mlm_vs_clm.config import ConfigError
+from mlm_vs_clm.bench import peer as bench_peer
+from mlm_vs_clm.config import ConfigError, validate
 
 DEFAULT_OBJECTIVES = ("clm", "mlm40")
 FIRST_ORDINARY_ID = 5  # ids below are pad/unk/bos/eos/mask in every preset
@@ -56,7 +55,7 @@ def synthetic_batch(batch_size: int, seq_len: int, vocab_size: int, seed: int = 
 def peak_runner(dtype: str):
     """A jitted chain of square matmuls in `dtype`: (run_one, FLOPs per call). On a CPU a 16-bit
     dtype accumulates each product in f32 (and rounds it back for the next), as our step's
-    matmuls do there (mlm_vs_clm/cpu_ops.py): XLA's CPU backend runs a bf16 x bf16 -> bf16 dot
+    matmuls do there (mlm_vs_clm/kernels/cpu.py): XLA's CPU backend runs a bf16 x bf16 -> bf16 dot
     as an f32 one, 3-4x slower. Accelerators chain plain products in `dtype`."""
     on_cpu = jax.default_backend() == "cpu"
     n = 1024 if on_cpu else 8192
@@ -340,63 +339,10 @@ def table(result: dict) -> str:
     return "\n".join(lines) + "\n\n" + "; ".join(notes)
 
 
-def _check_args(config, json_path: str) -> None:
+def check_args(config, json_path: str) -> None:
     """Raise ConfigError for a config the train CLI would refuse or a --json with no folder to
     go in, before anything is built or timed."""
-    from mlm_vs_clm.validate import validate
-
     validate(config, jax.device_count())
     folder = os.path.dirname(os.path.abspath(json_path)) if json_path else ""
     if folder and not os.path.isdir(folder):
         raise ConfigError(f"--json: folder {folder} does not exist")
-
-
-def main(argv):
-    from absl import flags
-
-    del argv
-    f = flags.FLAGS
-    try:  # before the backend starts
-        if f["keep_host_memory"].present:  # asked for on the command line: on any backend, or off
-            kept = f.keep_host_memory and host_memory.keep_mapped(respect_env=False)
-        else:  # as the train CLI: MLM_VS_CLM_HOST_MEMORY, by default kept when JAX runs on the CPU
-            kept = host_memory.keep_mapped()
-        _check_args(f.config, f.json)
-        result = run(f.config, [s.strip() for s in f.objectives.split(",") if s.strip()], f.steps, f.warmup,
-                     f.peer, f.data, f.data_seconds, f.peer_kept, f.rewarm)
-    except (ValueError, RuntimeError) as e:  # ConfigError is a ValueError
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    result["host_memory_kept_mapped"] = bool(kept)
-    print(table(result))
-    if f.json:
-        with open(f.json, "w") as fh:
-            json.dump(result, fh, indent=2, sort_keys=True)
-
-
-def _cli():
-    from absl import app, flags
-    from ml_collections import config_flags
-
-    config_flags.DEFINE_config_file("config", "configs/pretrain.py:small", "Pretraining config file:preset.")
-    flags.DEFINE_string("json", "", "Write the results here as JSON.")
-    flags.DEFINE_string("objectives", ",".join(DEFAULT_OBJECTIVES), "Comma-separated objectives to time.")
-    flags.DEFINE_integer("steps", 10, "Timed steps per objective (after the warm-up).")
-    flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
-    flags.DEFINE_integer("rewarm", 1, "Untimed steps that open each runner's turn in every round, so a timed step "
-                         "follows a step of its own (interleaved_times).")
-    flags.DEFINE_bool("peer", False, "Also time Hugging Face LlamaForCausalLM (PyTorch) on the same batch, in a "
-                      "process of its own with the C library's allocator defaults (as its users run it).")
-    flags.DEFINE_bool("data", False, "Also time the input pipeline (rows/s).")
-    flags.DEFINE_bool("peer_kept", False, "Also time the peer with host memory kept mapped as ours "
-                      "(mlm_vs_clm/host_memory.py), in a process of its own.")
-    flags.DEFINE_bool("keep_host_memory", True, "Keep host memory mapped between steps for ours "
-                      "(mlm_vs_clm/host_memory.py). Unset: as the train and finetune CLIs (MLM_VS_CLM_HOST_MEMORY, "
-                      "by default kept when JAX runs on the CPU); --keep_host_memory: on any backend; "
-                      "--nokeep_host_memory: glibc's defaults.")
-    flags.DEFINE_float("data_seconds", 10.0, "How long to run the input pipeline for --data.")
-    app.run(main)
-
-
-if __name__ == "__main__":
-    sys.exit(_cli())

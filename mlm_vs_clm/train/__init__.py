@@ -1,4 +1,5 @@
-"""Pretraining: `python -m mlm_vs_clm.train --config=configs/pretrain.py:tiny,clm50_mlm40 --workdir=DIR`.
+"""Pretraining, the library: `train(config, workdir)` (the command is train/__main__.py:
+`python -m mlm_vs_clm.train --config=configs/pretrain.py:tiny,clm50_mlm40 --workdir=DIR`).
 
 Start-up order: resume from DIR's newest valid checkpoint, else `init_from` (parameters of
 another run: CLM -> MLM continuation), else from scratch. Running the same command again
@@ -9,24 +10,17 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import logging
 
 from mlm_vs_clm import checkpoint as ckpt_lib
-from mlm_vs_clm import distributed, host_memory, logs, sharding, train_state
+from mlm_vs_clm import logs, sharding, train_state
 from mlm_vs_clm import step as step_lib
-from mlm_vs_clm.config import ConfigError
-from mlm_vs_clm.validate import validate
-
-FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/pretrain.py:tiny,clm50_mlm40.")
-flags.DEFINE_string("workdir", None, "Run directory: metrics, checkpoints, TensorBoard events.")
+from mlm_vs_clm.config import ConfigError, validate
 
 
 class TrainingError(RuntimeError):
@@ -65,7 +59,8 @@ def _any(flags):
 
 def _any_process(flag: bool, mesh):
     """Whether any process's `flag` is set, as a device scalar (not fetched)."""
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     local = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
     sharding = NamedSharding(mesh, P(tuple(mesh.axis_names)))
@@ -168,11 +163,7 @@ def train(config, workdir: str, devices=None) -> dict:
 
     devices = list(devices) if devices is not None else jax.devices()
     if config.mesh.get("layout"):
-        from mlm_vs_clm import aot
-
-        aot.mesh_layouts().apply_mesh_layout(
-            config, config.mesh.layout, len(devices), config.mesh.devices_per_node or None
-        )
+        sharding.apply_mesh_layout(config, config.mesh.layout, len(devices), config.mesh.devices_per_node or None)
     # A continuation run that has checkpoints of its own resumes from them: its architecture is
     # the one it saved, and its init_from source is no longer needed (it may have moved).
     resuming = bool(config.init_from) and _has_checkpoints(workdir)
@@ -279,47 +270,3 @@ def _apply_tokenizer(config, tokenizer):
     for role in ("unk", "bos", "eos"):
         config.tokens[f"{role}_id"] = getattr(tokenizer, f"{role}_id")
     config.tokens.special_ids = tuple(int(i) for i in tokenizer.special_ids)
-
-
-def _parse_flags(argv):
-    try:
-        return FLAGS(argv)
-    except Exception as e:  # noqa: BLE001 - a bad flag or config: one line, exit 2
-        msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        print(f"error: {msg}", file=sys.stderr)
-        sys.exit(2)
-
-
-def main(argv):
-    del argv
-    if not any(a.startswith(("--verbosity", "-v")) for a in sys.argv[1:]):
-        logging.set_verbosity(logging.WARNING)  # library INFO chatter off unless asked for
-    if FLAGS.config is None or not FLAGS.workdir:
-        print("error: --config and --workdir are required", file=sys.stderr)
-        sys.exit(2)
-    try:
-        host_memory.keep_mapped()  # before the backend starts its threads (MLM_VS_CLM_HOST_MEMORY)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    distributed.initialize_from_flags()  # multi-host start-up, before any other JAX call
-    distributed.enable_compilation_cache()
-    from mlm_vs_clm.data.sources import SourceError
-    from mlm_vs_clm.data.tokenizer import TokenizerError
-
-    try:
-        train(FLAGS.config, FLAGS.workdir)
-    except (ConfigError, SourceError, TokenizerError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except (ckpt_lib.CheckpointError, TrainingError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-
-
-def run():
-    app.run(main, flags_parser=_parse_flags)
-
-
-if __name__ == "__main__":
-    run()

@@ -52,7 +52,7 @@ def _dot(a, b, contract, batch=0):
                                preferred_element_type=F32)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def matmul(dtype: str, param_dtype: str):
     """(x [T, I] in `dtype`, kernel [I, O] in `param_dtype`) -> x @ kernel [T, O] in `dtype`.
 

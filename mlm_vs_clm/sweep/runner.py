@@ -15,9 +15,9 @@ import subprocess
 import sys
 import time
 
-from mlm_vs_clm import sweep_plan
 from mlm_vs_clm.config import ConfigError
-from mlm_vs_clm.sweep_plan import is_done, run_dir
+from mlm_vs_clm.sweep import plan as sweep_plan
+from mlm_vs_clm.sweep.plan import is_done, run_dir
 
 PLAN_FILE = "plan.json"
 
@@ -326,13 +326,13 @@ def print_backend(workdir: str, runs: list[dict]) -> None:
 
 
 def collect(workdir: str) -> str:
-    from mlm_vs_clm.sweep_results import write_tables
+    from mlm_vs_clm.sweep.results import write_tables
 
     return write_tables(workdir, load_plan(workdir))
 
 
 def analyze(workdir: str) -> None:
-    from mlm_vs_clm import sweep_analysis
+    from mlm_vs_clm.sweep import analysis as sweep_analysis
 
     print(f"sweep: wrote {collect(workdir)}")
     sweep_analysis.main(workdir)

@@ -27,22 +27,9 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 
 import ml_collections
-from absl import app, flags
-
-FLAGS = flags.FLAGS
-
-
-def _define_flags() -> None:
-    """The command's flags, defined when it runs (importing the module for its helpers defines
-    none: `workdir` would clash with the train command's)."""
-    flags.DEFINE_string("workdir", "", "Where the runs go (default: replication_runs, or replication_runs_SCALE).")
-    flags.DEFINE_string("report_dir", "", "Where REPORT.md and its plots go (default: replication for --scale=full, "
-                        "else WORKDIR/report).")
-    flags.DEFINE_enum("scale", "full", ["full", "smoke"], "full: `make replicate`; smoke: seconds (tests).")
 
 SCHEDULES = ("mlm40", "clm", "clm25_mlm40", "clm50_mlm40", "clm75_mlm40")
 KEEP_FRACTIONS = (0.25, 0.5, 0.75)
@@ -75,12 +62,12 @@ def pretrain_sweep(scale: dict) -> ml_collections.ConfigDict:
     return c
 
 
-def _stage(title: str) -> None:
+def stage(title: str) -> None:
     print(f"\n== {title}", flush=True)
 
 
 def run_pretraining(workdir: str, scale: dict) -> dict:
-    from mlm_vs_clm import sweep_runner as sweep
+    from mlm_vs_clm.sweep import runner as sweep
 
     sweep_dir = os.path.join(workdir, "pretrain")
     runs = sweep.write_plan(sweep_dir, pretrain_sweep(scale))
@@ -93,8 +80,8 @@ def run_pretraining(workdir: str, scale: dict) -> dict:
 
 def run_cpt(workdir: str, scale: dict, sources: dict) -> dict:
     """MLM-40 continued pretraining from the CLM and the MLM runs' final checkpoints."""
-    from mlm_vs_clm import sweep_runner as sweep
     from mlm_vs_clm.checkpoint import resolve_step_dir
+    from mlm_vs_clm.sweep import runner as sweep
 
     out = {}
     for name in ("clm", "mlm40"):
@@ -125,7 +112,7 @@ def run_cpt(workdir: str, scale: dict, sources: dict) -> dict:
 
 
 def finetune(workdir: str, name: str, checkpoints: list[str], scale: dict, learning_rates) -> str:
-    from mlm_vs_clm import sweep_runner as sweep
+    from mlm_vs_clm.sweep import runner as sweep
 
     ft_dir = os.path.join(workdir, name)
     os.makedirs(ft_dir, exist_ok=True)
@@ -148,44 +135,3 @@ def output_dirs(scale_name: str, workdir: str = "", report_dir: str = "") -> tup
     full = scale_name == "full"
     workdir = os.path.abspath(workdir or ("replication_runs" if full else f"replication_runs_{scale_name}"))
     return workdir, os.path.abspath(report_dir or ("replication" if full else os.path.join(workdir, "report")))
-
-
-def main(argv) -> int:
-    del argv
-    from mlm_vs_clm import replication_report
-
-    scale = SCALES[FLAGS.scale]
-    workdir, report_dir = output_dirs(FLAGS.scale, FLAGS.workdir, FLAGS.report_dir)
-    start = time.time()
-    try:
-        _stage(f"1/4 pretraining: tiny, {scale['steps']} steps, {', '.join(SCHEDULES)}")
-        runs = run_pretraining(workdir, scale)
-        _stage(f"2/4 continued pretraining: {scale['cpt_steps']} MLM-40 steps from the CLM and MLM runs")
-        cpt = run_cpt(workdir, scale, runs)
-        finals = [runs[s] for s in SCHEDULES] + [cpt["clm"], cpt["mlm40"]]
-        _stage("3/4 fine-tuning the final checkpoints (learning rates x seeds)")
-        final_dir = finetune(workdir, "finetune_final", finals, scale, scale["learning_rates"])
-        _stage("4/4 fine-tuning the intermediate checkpoints of the MLM and CLM runs")
-        middle = intermediate_checkpoints(runs["mlm40"], scale["steps"]) + intermediate_checkpoints(
-            runs["clm"], scale["steps"])
-        default_lr = 1e-3 if 1e-3 in scale["learning_rates"] else scale["learning_rates"][0]
-        middle_dir = finetune(workdir, "finetune_intermediate", middle, scale, (default_lr,))
-    except RuntimeError as e:
-        print(f"replicate: {e}", file=sys.stderr)
-        return 1
-    path = replication_report.write(
-        report_dir, runs=runs, cpt=cpt, final_dir=final_dir, middle_dir=middle_dir, scale=scale,
-        scale_name=FLAGS.scale, pretrain_csv=os.path.join(workdir, "pretrain", "results.csv"),
-        elapsed_s=time.time() - start,
-    )
-    print(f"\nreplicate: wrote {path} ({time.time() - start:.0f} s)")
-    with open(path) as f:
-        text = f.read()
-    end = text.find("## 1 and 3")
-    print(text[:end] if end > 0 else text)
-    return 0
-
-
-if __name__ == "__main__":
-    _define_flags()
-    app.run(lambda argv: sys.exit(main(argv)))

@@ -22,8 +22,20 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from mlm_vs_clm.config import ConfigError
-from mlm_vs_clm.sweep_runner import (PLAN_FILE, plan_run, analyze, branch_saving, collect, finish, load_plan,
-                                     prepare, print_backend, run_local, run_one, write_plan)
+from mlm_vs_clm.sweep.runner import (
+    PLAN_FILE,
+    analyze,
+    branch_saving,
+    collect,
+    finish,
+    load_plan,
+    plan_run,
+    prepare,
+    print_backend,
+    run_local,
+    run_one,
+    write_plan,
+)
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Sweep config, e.g. configs/sweeps/micro.py.")
@@ -78,7 +90,7 @@ def main(argv) -> int:
         print_backend(workdir, runs)
         return 0
     if FLAGS.backend == "slurm":
-        from mlm_vs_clm.sweep_slurm import slurm_backend
+        from mlm_vs_clm.sweep.slurm import slurm_backend
 
         try:
             slurm_backend(workdir, runs, FLAGS.sbatch_args)
@@ -91,9 +103,5 @@ def main(argv) -> int:
     return 1 if failed else 0
 
 
-def run():
-    app.run(lambda argv: sys.exit(main(argv)))
-
-
 if __name__ == "__main__":
-    run()
+    app.run(lambda argv: sys.exit(main(argv)))

@@ -24,7 +24,7 @@ import os
 
 import numpy as np
 
-from mlm_vs_clm import scaling_law
+from mlm_vs_clm.sweep import scaling_law
 
 REQUIRED = ("run", "size", "schedule", "clm_fraction", "mask_ratio", "seed", "params", "steps", "tokens", "flops",
             "val_mlm_loss", "val_clm_loss", "saved_flops", "status")

@@ -1,0 +1,102 @@
+"""`python -m mlm_vs_clm.aot`: the ahead-of-time memory check (see mlm_vs_clm/aot/__init__.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+
+import jax
+from absl import app, flags
+from ml_collections import config_flags
+
+from mlm_vs_clm import sharding
+from mlm_vs_clm.aot import GIB, check, parse_mesh
+
+
+def _define_flags():
+    config_flags.DEFINE_config_file("config", None, "Pretraining config, e.g. configs/pretrain.py:1b.")
+    flags.DEFINE_string("mesh", None, "DATAxFSDPxTENSOR, e.g. 1x8x1 (or use --layout; neither: the config's mesh).")
+    flags.DEFINE_string("layout", None, "A layout of mlm_vs_clm/sharding.py (h100x8, tpu_v5p, fsdp, ...); "
+                        "default: the config's mesh.layout, if set.")
+    flags.DEFINE_integer("devices_per_node", None, "Devices per node/slice for --layout (default: the layout's).")
+    flags.DEFINE_integer("devices", None, "Number of virtual CPU devices (default: the mesh's size).")
+    flags.DEFINE_string("objective", None, "clm, mlm40, ... (default: every objective of the config's schedule).")
+    flags.DEFINE_float("device_memory_gib", None, "Memory of one chip, e.g. 80 (H100), 95 (TPU v5p), 32 (v4).")
+    flags.DEFINE_string("json", None, "Also write the reports to this JSON file.")
+    flags.DEFINE_string(
+        "platform", "cpu", "cpu: N virtual CPU devices (the default); cuda/tpu: compile for this machine's own chips."
+    )
+    flags.mark_flags_as_required(["config"])
+    return flags.FLAGS
+
+
+def _devices_needed(f) -> int:
+    if f.mesh and f.layout:
+        raise ValueError("aot: give --mesh or --layout, not both")
+    if f.mesh:
+        size = math.prod(parse_mesh(f.mesh))
+        if f.devices not in (None, size):
+            raise ValueError(f"aot: --mesh={f.mesh} has {size} devices but --devices={f.devices}")
+        return size
+    if f.layout:
+        if not f.devices:
+            raise ValueError("aot: --layout needs --devices")
+        return f.devices
+    if f.config.mesh.get("layout") and not f.devices:
+        raise ValueError(f"aot: mesh.layout={f.config.mesh.layout!r} needs --devices")
+    return f.devices or 1
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise SystemExit(f"aot: unexpected arguments {argv[1:]}")
+    f = FLAGS
+    config = f.config
+    try:
+        num_devices = _devices_needed(f)
+        # Virtual CPU devices must be set before the backend starts (nothing above touched it).
+        jax.config.update("jax_platforms", f.platform)
+        if f.platform == "cpu":
+            jax.config.update("jax_num_cpu_devices", num_devices)
+        else:
+            try:
+                available = len(jax.devices())
+            except Exception:  # noqa: BLE001 - JAX raises assorted errors for a missing backend
+                raise ValueError(f"aot: --platform={f.platform}: no such backend on this machine") from None
+            if available < num_devices:
+                raise ValueError(f"aot: --platform={f.platform} has {available} devices, the mesh needs {num_devices}")
+        if f.mesh:
+            config.mesh.data, config.mesh.fsdp, config.mesh.tensor = parse_mesh(f.mesh)
+        elif f.layout:
+            sharding.apply_mesh_layout(config, f.layout, num_devices, f.devices_per_node)
+        elif config.mesh.get("layout"):  # as the train command applies it
+            devices_per_node = f.devices_per_node or config.mesh.get("devices_per_node") or None
+            sharding.apply_mesh_layout(config, config.mesh.layout, num_devices, devices_per_node)
+        reports = check(config, f.objective, jax.devices()[:num_devices])
+    except ValueError as e:
+        print(str(e).splitlines()[0], file=sys.stderr)
+        raise SystemExit(2) from None
+    preset = config.get("preset", "?")
+    kind = jax.devices()[0].device_kind
+    print(f"{preset}: batch {config.train.batch_size} x seq {config.train.seq_len} on {num_devices} x {kind}")
+    for r in reports:
+        print(r.line())
+    fits = True
+    if f.device_memory_gib:
+        for r in reports:
+            ok = r.fits(f.device_memory_gib)
+            fits &= ok
+            verdict = "fits" if ok else "DOES NOT FIT"
+            print(f"{r.objective}: {r.total_bytes / GIB:.2f} GiB of {f.device_memory_gib:g} GiB per device: {verdict}")
+    if f.json:
+        with open(f.json, "w") as out:
+            rows = [dict(dataclasses.asdict(r), total_bytes=r.total_bytes) for r in reports]
+            json.dump({"preset": preset, "devices": num_devices, "reports": rows}, out, indent=1)
+    raise SystemExit(0 if fits else 1)
+
+
+if __name__ == "__main__":
+    FLAGS = _define_flags()
+    app.run(main)
