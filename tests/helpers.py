@@ -27,3 +27,15 @@ def packed_batch(batch=8, length=32, vocab=256, seed=0, segments=(20, 10), pad_t
         assert start == length
     tokens[seg == 0] = 0
     return {"tokens": tokens, "segment_ids": seg, "positions": pos}
+
+
+EPS32 = float(np.finfo(np.float32).eps)  # 2^-23
+EPS16 = 2.0**-7  # bfloat16's machine epsilon (8 significant bits)
+
+
+def accum_tol(n: int, eps: float = EPS32) -> float:
+    """Relative error bound for comparing two computations of one n-term sum or dot product in a
+    float format with machine epsilon eps: each side is within (n/2)*eps*sum|terms| of the exact
+    value (n roundings of at most eps/2), whatever order a CPU's kernels add the terms in."""
+    return n * eps
+

@@ -6,7 +6,7 @@ import pytest
 
 from mlm_vs_clm import sharding, step, train_state
 from mlm_vs_clm.schedules import Objective
-from tests.helpers import packed_batch, tiny_config
+from tests.helpers import accum_tol, packed_batch, tiny_config
 
 
 def _run(config, devices, batch, objectives_):
@@ -20,6 +20,14 @@ def _run(config, devices, batch, objectives_):
     return setup, state, losses
 
 
+def _loss_rtol(config, batch):
+    """Two programs summing in different orders (f32): per layer over D, the ffn and the keys, then the
+    head over D and V, and the mean over the batch's tokens."""
+    m = config.model
+    return accum_tol(m.num_layers * (m.hidden_size + m.ffn_size + batch["tokens"].shape[1]) + m.vocab_size
+                     + batch["tokens"].size)
+
+
 def test_sharded_step_matches_single_device():
     batch = packed_batch()
     objs = [Objective("clm"), Objective("mlm", 0.4), Objective("mlm", 0.4)]
@@ -27,7 +35,7 @@ def test_sharded_step_matches_single_device():
     _, s1, l1 = _run(c1, jax.devices()[:1], batch, objs)
     c8 = tiny_config(**{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
     setup8, s8, l8 = _run(c8, jax.devices()[:8], batch, objs)
-    np.testing.assert_allclose(l1, l8, rtol=1e-5)
+    np.testing.assert_allclose(l1, l8, rtol=_loss_rtol(c1, batch))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6), s1.params, s8.params)
     # parameters really are sharded on the 2x2x2 mesh
     q = s8.params["encoder"]["layers"]["q_proj"]["kernel"]
@@ -55,7 +63,7 @@ def test_gradient_accumulation_matches_one_big_batch(replacement):
         for one, acc in zip(runs[1][0], runs[accum][0]):
             assert one["predicted_tokens"] == acc["predicted_tokens"]
             np.testing.assert_allclose([one["loss"], one["grad_norm"], one["accuracy"]],
-                                       [acc["loss"], acc["grad_norm"], acc["accuracy"]], rtol=1e-5)
+                                       [acc["loss"], acc["grad_norm"], acc["accuracy"]], rtol=_loss_rtol(config, batch))
         jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6),
                      runs[1][1], runs[accum][1])
 
