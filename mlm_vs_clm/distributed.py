@@ -29,6 +29,9 @@ import sys
 import threading
 
 import jax
+from jax._src import distributed as jax_distributed
+from jax._src import xla_bridge
+from jax.experimental import multihost_utils
 
 from mlm_vs_clm.cache import cache_dir
 
@@ -70,13 +73,11 @@ def _env_int(name: str) -> int | None:
 
 
 def _backend_started() -> bool:
-    from jax._src import xla_bridge
-
     return xla_bridge.backends_are_initialized()
 
 
 def _on_tpu_vm() -> bool:
-    try:
+    try:  # a private module that may move between jax releases: looked up when needed
         from jax._src import hardware_utils
 
         return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
@@ -221,12 +222,8 @@ def sync(name: str, timeout_s: int = 600) -> None:
     if jax.process_count() == 1:
         return
     barrier_id = f"mlm_vs_clm:{name}:{next(_barrier_counter)}"
-    from jax._src import distributed as jax_distributed
-
     client = jax_distributed.global_state.client
     if client is None:  # processes set up without the coordination service (unusual)
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(barrier_id)
         return
     try:

@@ -154,7 +154,7 @@ class Proj(nn.Module):
         )
         dtype = jnp.dtype(self.cfg.dtype)
         # As one 2-D matmul [T, in] @ [in, out]: XLA's CPU backend runs multi-axis dot_generals
-        # (and their gradients) 2x slower than the same product in plain 2-D form.
+        # (and their gradients) slower than the same product in plain 2-D form (docs/performance.md).
         lead = x.shape[: x.ndim - self.in_dims]
         n_in, n_out = math.prod(in_shape), math.prod(self.out_shape)
         x_TxI = x.astype(dtype).reshape(math.prod(lead), n_in)
@@ -212,8 +212,8 @@ class Block(nn.Module):
 def embedding_lookup(table_VxD, tokens_BxL, accumulate_dtype=jnp.float32):
     """`jnp.take(table, tokens, axis=0)` whose backward pass sums the rows' gradients in
     `accumulate_dtype`. A GPU adds 16-bit values into memory with a compare-and-swap loop, which
-    collapses when many positions share a token: MLM replaces 40 % of them with the mask token, and
-    the bf16 scatter-add then took 80 ms of a 300 ms `210m` step on an H100 (docs/performance.md).
+    collapses when many positions share a token, as MLM's mask token does (docs/performance.md has
+    what it cost a `210m` step on an H100).
     f32 additions are native atomics; the gradient is rounded to the table's dtype once."""
     return jnp.take(table_VxD, tokens_BxL, axis=0)
 

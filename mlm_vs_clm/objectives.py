@@ -83,14 +83,14 @@ def _xent_sums(dtype):
             vocab_TxV = jax.lax.broadcasted_iota(jnp.int32, logits_TxV.shape, 1)
             onehot_TxV = vocab_TxV == t_T[:, None]
             # softmax = exp(z - max) / sum: its row scale w / sum goes into the one pass that
-            # writes d logits, so exp runs once per logit (a second exp(z - lse) pass cost 9 % of
-            # the head on a CPU).
+            # writes d logits, so exp runs once per logit (a second exp(z - lse) pass over the
+            # [T, V] logits is the head's largest elementwise cost on a CPU; docs/performance.md).
             dlogits_TxV = (exp_TxV * (w_T / sum_T)[:, None] - onehot_TxV * w_T[:, None]).astype(dtype)
             # [T, V] x [D, V] contracted over V: no transpose op feeds the dot, which would send a
             # bf16 dot to XLA's f32 path on a CPU (mlm_vs_clm/kernels/cpu.py).
             dh_TxD = jax.lax.dot_general(dlogits_TxV, kernel_c, (((1,), (1,)), ((), ())), preferred_element_type=acc)
             # h^T as its own [D, T] array: XLA's CPU backend then runs a plain [D, T] x [T, V] GEMM
-            # instead of writing d logits a second time, transposed (measured 1.2x for the chunk).
+            # instead of writing d logits a second time, transposed (docs/performance.md).
             # A 16-bit h^T must also stay out of the dot's reach for the dot to run in bf16
             # (part of what `python tools/perf/cpu_ops_ab.py` measures as the matmul version).
             hT_DxT = ops.transposed_operand(h_TxD, dtype)

@@ -7,6 +7,7 @@ import math
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -44,7 +45,6 @@ def multislice_grid(shape: tuple[int, int, int], devices) -> np.ndarray | None:
             f"mesh: the devices span {n} TPU slices, so mesh.data must be a multiple of {n} "
             f"(fsdp and tensor stay inside a slice); got (data, fsdp, tensor) = {shape}"
         )
-    from jax.experimental import mesh_utils
 
     return mesh_utils.create_hybrid_device_mesh((shape[0] // n, shape[1], shape[2]), (n, 1, 1), devices)
 

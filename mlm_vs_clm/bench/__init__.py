@@ -29,6 +29,7 @@ from mlm_vs_clm import model as model_lib
 from mlm_vs_clm import step as step_lib
 from mlm_vs_clm.bench import peer as bench_peer
 from mlm_vs_clm.config import ConfigError, validate
+from mlm_vs_clm.data import pipeline
 
 DEFAULT_OBJECTIVES = ("clm", "mlm40")
 FIRST_ORDINARY_ID = 5  # ids below are pad/unk/bos/eos/mask in every preset
@@ -56,7 +57,7 @@ def peak_runner(dtype: str):
     """A jitted chain of square matmuls in `dtype`: (run_one, FLOPs per call). On a CPU a 16-bit
     dtype accumulates each product in f32 (and rounds it back for the next), as our step's
     matmuls do there (mlm_vs_clm/kernels/cpu.py): XLA's CPU backend runs a bf16 x bf16 -> bf16 dot
-    as an f32 one, 3-4x slower. Accelerators chain plain products in `dtype`."""
+    as an f32 one, far slower. Accelerators chain plain products in `dtype`."""
     on_cpu = jax.default_backend() == "cpu"
     n = 1024 if on_cpu else 8192
     reps = max(1, int((2e10 if on_cpu else 2e13) // (2 * n**3)))
@@ -184,10 +185,6 @@ def ours_runner(setup, objective: schedules.Objective, batch):
 
 def bench_data(config, seconds: float, consumed_rows_per_second: float) -> dict:
     """The input pipeline's rows/s (mlm_vs_clm.data.pipeline) against the rows/s the step eats."""
-    from mlm_vs_clm.data import (
-        pipeline,  # imported late: the bench itself needs no corpus
-    )
-
     tokenizer = pipeline.prepare_tokenizer(config)
     rows = float(pipeline.pipeline_rows_per_second(config, tokenizer, seconds))
     return {"rows_per_second": rows, "step_rows_per_second": consumed_rows_per_second,

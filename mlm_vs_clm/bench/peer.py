@@ -25,7 +25,7 @@ def peer_runner(config, batch_np: dict):
     LM loss over whole rows, gradient clipping as ours, same B x L tokens, all CPU cores. With a
     16-bit compute dtype (`model.dtype`) its forward pass runs under `torch.autocast` in that
     dtype, PyTorch's counterpart of our f32 master weights with 16-bit compute."""
-    import torch
+    import torch  # the peer's own stack: heavy, and only in the `hf` extra
     import transformers
 
     threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -140,7 +140,7 @@ def _peer_child(folder: str) -> None:
     """The child side of `peer_process_runner`: one step per `step` line on stdin, answering with
     the step's minor page faults; exits at end of input."""
     kept = host_memory.keep_mapped()  # as the parent asked, through MLM_VS_CLM_HOST_MEMORY
-    import ml_collections
+    import ml_collections  # after keep_mapped: the allocator is set before anything allocates
 
     with open(os.path.join(folder, "config.json")) as fh:
         config = ml_collections.ConfigDict(json.load(fh))

@@ -15,6 +15,8 @@ import os
 import subprocess
 import sys
 
+from mlm_vs_clm import schedules
+
 
 def run_stage(args: list[str]) -> None:
     print("\n$ python -m " + " ".join(args), flush=True)
@@ -26,8 +28,6 @@ def run_stage(args: list[str]) -> None:
 
 def describe_schedule(objective: str, steps: int, mask_ratio: float) -> str:
     """The phases a run trained, e.g. 'CLM for 100 steps, then MLM-40 for 100 steps'."""
-    from mlm_vs_clm import schedules
-
     sched = schedules.objective_schedule(objective, steps, mask_ratio)
     ends = (*sched.starts[1:], steps)
     return ", then ".join(f"{o.name.upper().replace('MLM', 'MLM-')} for {end - start} steps"

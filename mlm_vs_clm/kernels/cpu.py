@@ -2,7 +2,7 @@
 
 XLA's CPU matmul kernels (YNNPACK) run bf16 operands on the AMX / AVX512-BF16 units only when
 the product accumulates into an f32 result and neither operand is a transpose; any other bf16
-dot runs on the f32 path, 3-4x slower (`python tools/perf/matmul_rates.py`). Autodiff of the
+dot runs on the much slower f32 path (`python tools/perf/matmul_rates.py`; docs/performance.md). Autodiff of the
 plain model breaks both rules: bf16 results, f32 cotangents, and gradients such as x^T @ dy
 whose operand is a transpose. The functions here state their backward passes by hand so that
 every product of a training step takes the fast path. They compute the same functions as

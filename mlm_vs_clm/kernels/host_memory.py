@@ -9,8 +9,8 @@ trims, so the pages stay mapped and a step reuses them.
 The command-line tools (train, finetune, bench) call it first thing and apply it when JAX will
 run on the CPU (`MLM_VS_CLM_HOST_MEMORY=auto`, the default; see `cpu_only`). The costs: the process
 keeps its peak heap for its lifetime (a trainer reaches that peak every step anyway), and one
-arena serialises allocations across threads (the input pipeline measured 16-31 % fewer rows/s,
-far above what a step consumes; docs/performance.md). `MLM_VS_CLM_HOST_MEMORY=default` keeps
+arena serialises allocations across threads (the input pipeline reads fewer rows/s, still far
+above what a step consumes; figures in docs/performance.md). `MLM_VS_CLM_HOST_MEMORY=default` keeps
 glibc's own settings, `kept` applies them on any backend.
 """
 

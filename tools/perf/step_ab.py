@@ -26,15 +26,16 @@ OLD = "ab_old_mlm_vs_clm"
 def import_revision(rev: str):
     """The package as it was at `rev`, importable as OLD (its own imports rewritten)."""
     root = tempfile.mkdtemp(prefix="step_ab_")
-    listing = subprocess.run(["git", "ls-tree", "--name-only", rev, "mlm_vs_clm/"], check=True,
+    listing = subprocess.run(["git", "ls-tree", "-r", "--name-only", rev, "mlm_vs_clm/"], check=True,
                              capture_output=True, text=True).stdout.split()
-    os.makedirs(os.path.join(root, OLD))
-    for path in listing:
+    for path in listing:  # every file of the package, its folders included
         if not path.endswith(".py"):
             continue
         src = subprocess.run(["git", "show", f"{rev}:{path}"], check=True, capture_output=True, text=True).stdout
         src = src.replace("from mlm_vs_clm", f"from {OLD}").replace("import mlm_vs_clm", f"import {OLD}")
-        with open(os.path.join(root, OLD, os.path.basename(path)), "w") as fh:
+        target = os.path.join(root, OLD, os.path.relpath(path, "mlm_vs_clm"))
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        with open(target, "w") as fh:
             fh.write(src)
     sys.path.insert(0, root)
     return importlib.import_module(OLD)
