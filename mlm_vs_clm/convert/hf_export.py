@@ -1,19 +1,26 @@
-"""Our (config, params) -> a Hugging Face folder: config.json, safetensors weights, modeling file.
+"""Our (config, params) -> a Hugging Face folder: config.json, safetensors weights, tokenizer.
 
 Weights are streamed tensor by tensor into safetensors files (sharded with an index above
-`shard_bytes`), so the export holds the parameters plus one tensor at a time. Causal models
-load as plain `LlamaForCausalLM`; bidirectional encoders get `modeling_bidir.py` and an
-`auto_map` for AutoModel / AutoModelForMaskedLM / AutoModelForSequenceClassification /
-AutoModelForTokenClassification (with `trust_remote_code=True`).
+`shard_bytes`), so the export holds the parameters plus one tensor at a time.
+- causal models: plain `LlamaForCausalLM` (model_type llama);
+- bidirectional encoders: native `eurobert` folders (`EuroBertForMaskedLM`, and fine-tuned
+  heads as `EuroBertForSequenceClassification` / `EuroBertForTokenClassification`), loaded with
+  no remote code;
+- the one thing EuroBERT cannot express, a fine-tuned *linear* sequence-classification head
+  (or `last` pooling), keeps the remote-code format: a Llama config with `auto_map` and
+  `modeling_bidir.py`.
+A whole export is written into a temporary sibling folder and renamed into place at the end.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import shutil
 import struct
+import tempfile
 
 import ml_dtypes
 import numpy as np
@@ -33,29 +40,39 @@ BIDIR_AUTO_MAP = {
     "AutoModelForSequenceClassification": "modeling_bidir.BidirLlamaForSequenceClassification",
     "AutoModelForTokenClassification": "modeling_bidir.BidirLlamaForTokenClassification",
 }
+# our pooling -> EuroBERT's classifier_pooling ('last' has no EuroBERT counterpart)
+EUROBERT_POOLING = {"mean": "mean", "first": "bos"}
 
 
-def hf_config(model_cfg, tokens, mask_mode: str, max_positions: int = 2048, dtype: str = "float32") -> dict:
-    """A LlamaConfig dict (rope in the transformers-4 spelling, which transformers 5 also reads)
-    plus `is_causal` and `mask_token_id`."""
+def _rope_parameters(model_cfg) -> tuple[dict, int | None]:
+    """transformers-5 `rope_parameters` and the max position it implies (or None)."""
+    rope = {"rope_type": "default", "rope_theta": float(model_cfg.rope_theta)}
+    if model_cfg.rope_scaling == "llama3":
+        rope.update(
+            rope_type="llama3",
+            factor=model_cfg.rope_scaling_factor,
+            low_freq_factor=model_cfg.rope_low_freq_factor,
+            high_freq_factor=model_cfg.rope_high_freq_factor,
+            original_max_position_embeddings=model_cfg.rope_original_max_position,
+        )
+        return rope, int(model_cfg.rope_original_max_position * model_cfg.rope_scaling_factor)
+    if model_cfg.rope_scaling:
+        raise ValueError(f"export-hf: unsupported model.rope_scaling {model_cfg.rope_scaling!r}")
+    return rope, None
+
+
+def hf_config(model_cfg, tokens, mask_mode: str, max_positions: int = 2048, dtype: str = "float32",
+              architecture: str = "") -> dict:
+    """The config.json of an export (transformers-5 spellings: `rope_parameters`, `dtype`).
+
+    causal: a LlamaConfig for LlamaForCausalLM. bidirectional: a EuroBertConfig
+    (`architecture` defaults to EuroBertForMaskedLM). `architecture` = 'remote': a LlamaConfig
+    with `is_causal: false` and the `auto_map` of modeling_bidir.py."""
     if mask_mode not in ("causal", "bidirectional"):
         raise ValueError(f"export-hf: mask_mode must be 'causal' or 'bidirectional', got {mask_mode!r}")
     causal = mask_mode == "causal"
-    rope_scaling = None
-    if model_cfg.rope_scaling == "llama3":
-        rope_scaling = {
-            "rope_type": "llama3",
-            "factor": model_cfg.rope_scaling_factor,
-            "low_freq_factor": model_cfg.rope_low_freq_factor,
-            "high_freq_factor": model_cfg.rope_high_freq_factor,
-            "original_max_position_embeddings": model_cfg.rope_original_max_position,
-        }
-        max_positions = max(max_positions, int(model_cfg.rope_original_max_position * model_cfg.rope_scaling_factor))
-    elif model_cfg.rope_scaling:
-        raise ValueError(f"export-hf: unsupported model.rope_scaling {model_cfg.rope_scaling!r}")
+    rope, implied = _rope_parameters(model_cfg)
     config = {
-        "architectures": ["LlamaForCausalLM" if causal else "BidirLlamaForMaskedLM"],
-        "model_type": "llama",
         "vocab_size": model_cfg.vocab_size,
         "hidden_size": model_cfg.hidden_size,
         "intermediate_size": model_cfg.ffn_size,
@@ -64,27 +81,59 @@ def hf_config(model_cfg, tokens, mask_mode: str, max_positions: int = 2048, dtyp
         "num_key_value_heads": model_cfg.num_kv_heads,
         "head_dim": model_cfg.hidden_size // model_cfg.num_heads,
         "hidden_act": "silu",
-        "max_position_embeddings": int(max_positions),
+        "max_position_embeddings": max(int(max_positions), implied or 0),
         "rms_norm_eps": model_cfg.norm_eps,
-        "rope_theta": model_cfg.rope_theta,
-        "rope_scaling": rope_scaling,
+        "rope_parameters": rope,
         "attention_bias": False,
         "attention_dropout": 0.0,
         "mlp_bias": False,
         "tie_word_embeddings": False,
         "initializer_range": model_cfg.init_std,
-        "torch_dtype": dtype,
+        "dtype": dtype,
         "use_cache": causal,
-        "is_causal": causal,
         "bos_token_id": tokens.get("bos_id"),
         "eos_token_id": tokens.get("eos_id"),
         "pad_token_id": tokens.get("pad_id"),
         "mask_token_id": tokens.get("mask_id"),
     }
-    if not causal:
-        config["auto_map"] = dict(BIDIR_AUTO_MAP)
-        config["classifier_pooling"] = "mean"
+    if causal:
+        config.update(architectures=["LlamaForCausalLM"], model_type="llama", is_causal=True)
+    elif architecture == "remote":
+        config.update(architectures=["BidirLlamaForSequenceClassification"], model_type="llama", is_causal=False,
+                      auto_map=dict(BIDIR_AUTO_MAP), classifier_pooling="mean")
+    else:
+        config.update(architectures=[architecture or "EuroBertForMaskedLM"], model_type="eurobert",
+                      classifier_pooling="mean")
     return config
+
+
+@contextlib.contextmanager
+def staged_folder(out_dir: str, overwrite: bool = False):
+    """Yields a temporary folder beside `out_dir` that becomes `out_dir` when the block ends
+    without an error (else it is removed). Refuses a non-empty `out_dir` unless `overwrite`;
+    refuses a file at `out_dir` always."""
+    from mlm_vs_clm.convert import ConversionError
+
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ConversionError(f"export-hf: --out {out_dir!r} is a file")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+        raise ConversionError(f"export-hf: --out {out_dir!r} is not empty; choose a new folder or pass --overwrite")
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.partial-", dir=parent)
+    try:
+        yield tmp
+        old = None
+        if os.path.isdir(out_dir):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
+            os.rename(out_dir, os.path.join(old, "x"))
+        os.rename(tmp, out_dir)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _plan_shards(shapes: dict, itemsize: int, shard_bytes: int) -> list[list[str]]:
@@ -145,6 +194,11 @@ def write_safetensors(out_dir, tensors, shapes: dict, dtype="float32", shard_byt
     return names
 
 
+def _write_config(out_dir: str, config: dict) -> None:
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+
+
 def export_params(
     params,
     model_cfg,
@@ -155,15 +209,112 @@ def export_params(
     dtype: str = "float32",
     shard_bytes: int = DEFAULT_SHARD_BYTES,
 ) -> dict:
-    """Writes config.json, the weights and (bidirectional) the modeling file; returns the config."""
+    """Writes config.json and the weights of a pretrained model (LM head included) into
+    `out_dir`: LlamaForCausalLM or EuroBertForMaskedLM. Returns the config."""
     os.makedirs(out_dir, exist_ok=True)
     config = hf_config(model_cfg, tokens or {}, mask_mode, max_positions, dtype)
     dims = Dims.of(model_cfg)
     write_safetensors(out_dir, iter_hf_tensors(params, dims), hf_shapes(dims), dtype, shard_bytes)
-    if mask_mode == "bidirectional":
+    _write_config(out_dir, config)
+    return config
+
+
+def write_sentence_transformers(out_dir: str, hidden_size: int, max_seq_length: int) -> None:
+    """modules.json, sentence_bert_config.json and 1_Pooling/config.json: `SentenceTransformer(out_dir)`
+    = the encoder (AutoModel) + mean pooling over the non-padding tokens (specials included,
+    as our fine-tuning pools)."""
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]
+    with open(os.path.join(out_dir, "modules.json"), "w") as f:
+        json.dump(modules, f, indent=2)
+    with open(os.path.join(out_dir, "sentence_bert_config.json"), "w") as f:
+        json.dump({"max_seq_length": int(max_seq_length), "do_lower_case": False}, f, indent=2)
+    os.makedirs(os.path.join(out_dir, "1_Pooling"), exist_ok=True)
+    modes = ("cls_token", "mean_tokens", "max_tokens", "mean_sqrt_len_tokens", "weightedmean_tokens", "lasttoken")
+    pooling = {"word_embedding_dimension": int(hidden_size), **{f"pooling_mode_{m}": m == "mean_tokens" for m in modes},
+               "include_prompt": True}
+    with open(os.path.join(out_dir, "1_Pooling", "config.json"), "w") as f:
+        json.dump(pooling, f, indent=2)
+
+
+def _dense_tensors(prefix: str, dense: dict):
+    """Our Dense {'kernel' [D, C], 'bias' [C]} -> (name, array) of a torch Linear."""
+    yield f"{prefix}.weight", np.ascontiguousarray(np.asarray(dense["kernel"], np.float32).T)
+    yield f"{prefix}.bias", np.ascontiguousarray(np.asarray(dense["bias"], np.float32))
+
+
+def finetuned_format(kind: str, pooling: str = "mean", head: str = "linear", attention: str = "bidirectional") -> str:
+    """Which Hugging Face class a fine-tuned model exports as (or a ConversionError saying why
+    it cannot): 'EuroBertForSequenceClassification', 'EuroBertForTokenClassification' or
+    'remote' (a linear sequence-classification head, or `last` pooling: modeling_bidir.py)."""
+    from mlm_vs_clm.convert import ConversionError
+
+    if attention != "bidirectional":
+        raise ConversionError(f"export-hf: a head fine-tuned with {attention!r} attention has no Hugging Face encoder class")
+    if kind == "token_classification":
+        return "EuroBertForTokenClassification"
+    if kind != "classification":
+        raise ConversionError(f"export-hf: fine-tuned {kind!r} heads are not exported (classification and token_classification are)")
+    if head == "eurobert":
+        if pooling not in EUROBERT_POOLING:
+            raise ConversionError(f"export-hf: the eurobert head with {pooling!r} pooling has no Hugging Face class (use mean or first)")
+        return "EuroBertForSequenceClassification"
+    if head != "linear":
+        raise ConversionError(f"export-hf: unknown fine-tuning head {head!r}")
+    return "remote"
+
+
+def export_finetuned(
+    params,
+    model_cfg,
+    out_dir: str,
+    kind: str,
+    pooling: str = "mean",
+    head: str = "linear",
+    attention: str = "bidirectional",
+    tokens: dict | None = None,
+    max_positions: int = 2048,
+    dtype: str = "float32",
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    labels: list[str] | None = None,
+) -> dict:
+    """A fine-tuned tree ({'encoder', 'head'[, 'head_dense']}, see finetune/heads.py) -> the
+    matching Hugging Face classifier in `out_dir`; returns its config."""
+    arch = finetuned_format(kind, pooling, head, attention)
+    num_labels = int(np.asarray(params["head"]["bias"]).shape[0])
+    dims = Dims.of(model_cfg)
+    config = hf_config(model_cfg, tokens or {}, "bidirectional", max_positions, dtype, architecture=arch)
+    labels = list(labels) if labels else [f"LABEL_{i}" for i in range(num_labels)]
+    config["id2label"] = {str(i): name for i, name in enumerate(labels)}
+    config["label2id"] = {name: i for i, name in enumerate(labels)}
+    D, C = dims.hidden_size, num_labels
+
+    def tensors():
+        yield from iter_hf_tensors(params, dims, with_head=False)
+        if arch == "EuroBertForSequenceClassification":
+            yield from _dense_tensors("dense", params["head_dense"])
+            yield from _dense_tensors("classifier", params["head"])
+        elif arch == "EuroBertForTokenClassification":
+            yield from _dense_tensors("classifier", params["head"])
+        else:
+            yield from _dense_tensors("score", params["head"])
+
+    shapes = hf_shapes(dims, with_head=False)
+    if arch == "EuroBertForSequenceClassification":
+        shapes.update({"dense.weight": (D, D), "dense.bias": (D,), "classifier.weight": (C, D), "classifier.bias": (C,)})
+        config["classifier_pooling"] = EUROBERT_POOLING[pooling]
+    elif arch == "EuroBertForTokenClassification":
+        shapes.update({"classifier.weight": (C, D), "classifier.bias": (C,)})
+    else:
+        shapes.update({"score.weight": (C, D), "score.bias": (C,)})
+        config["classifier_pooling"] = pooling
+    os.makedirs(out_dir, exist_ok=True)
+    write_safetensors(out_dir, tensors(), shapes, dtype, shard_bytes)
+    if arch == "remote":
         shutil.copyfile(os.path.join(os.path.dirname(__file__), MODELING_FILE), os.path.join(out_dir, MODELING_FILE))
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
+    _write_config(out_dir, config)
     return config
 
 
@@ -198,27 +349,28 @@ def export_checkpoint(
     mask_mode: str = "auto",
     dtype: str = "float32",
     shard_bytes: int = DEFAULT_SHARD_BYTES,
+    overwrite: bool = False,
+    sentence_transformers: bool = True,
 ) -> dict:
-    """Our checkpoint (run or step directory) -> a Hugging Face folder; returns its config."""
+    """Our checkpoint (run or step directory) -> a Hugging Face folder; returns its config.
+    Encoders also get the sentence-transformers files unless `sentence_transformers` is False."""
     from mlm_vs_clm import checkpoint
-    from mlm_vs_clm.convert import ConversionError
     from mlm_vs_clm.convert.hf_tokenizer import write_hf_tokenizer
 
-    if os.path.exists(os.path.join(out_dir, "config.json")):
-        raise ConversionError(f"export-hf: {out_dir!r} already holds an export; choose a new --out")
-    model = checkpoint.load_checkpoint(checkpoint_path)
-    if mask_mode == "auto":
-        mask_mode = auto_mask_mode(model.config, model.step_dir)
-    config = export_params(
-        model.params,
-        model.model_config,
-        out_dir,
-        mask_mode,
-        tokens=dict(model.config.tokens),
-        max_positions=int(model.config.train.seq_len),
-        dtype=dtype,
-        shard_bytes=shard_bytes,
-    )
-    if model.tokenizer is not None:
-        write_hf_tokenizer(model.tokenizer, out_dir)
+    from mlm_vs_clm.convert import ConversionError
+
+    source, target = os.path.realpath(checkpoint_path), os.path.realpath(out_dir)
+    if os.path.commonpath([source, target]) == target:
+        raise ConversionError(f"export-hf: --out {out_dir!r} holds the checkpoint itself; choose another folder")
+    with staged_folder(out_dir, overwrite) as tmp:  # refuses a non-empty --out before loading anything
+        model = checkpoint.load_checkpoint(checkpoint_path)
+        if mask_mode == "auto":
+            mask_mode = auto_mask_mode(model.config, model.step_dir)
+        seq_len = int(model.config.train.seq_len)
+        config = export_params(model.params, model.model_config, tmp, mask_mode, tokens=dict(model.config.tokens),
+                               max_positions=seq_len, dtype=dtype, shard_bytes=shard_bytes)
+        if model.tokenizer is not None:
+            write_hf_tokenizer(model.tokenizer, tmp, causal=mask_mode == "causal")
+        if mask_mode == "bidirectional" and sentence_transformers:
+            write_sentence_transformers(tmp, model.model_config.hidden_size, seq_len)
     return config
