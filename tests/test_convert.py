@@ -524,7 +524,8 @@ def test_export_refuses_a_non_empty_folder_and_leaves_no_half_export(tmp_path, c
     monkeypatch.undo()
     # --overwrite replaces the folder as a whole; an empty folder needs no flag
     assert convert_main(["export-hf", f"--checkpoint={run}", f"--out={out}", "--overwrite"]) == 0
-    assert sorted(os.listdir(out)) == sorted(os.listdir(out)) and (out / "config.json").exists()
+    assert (out / "config.json").exists() and not (out / "tokenizer.json").read_text() == "{}"
+    assert os.stat(out).st_mode & 0o777 == 0o777 & ~_umask()
     assert transformers.AutoModelForCausalLM.from_pretrained(str(out)) is not None
     (tmp_path / "empty").mkdir()
     assert convert_main(["export-hf", f"--checkpoint={run}", f"--out={tmp_path / 'empty'}"]) == 0
@@ -532,6 +533,12 @@ def test_export_refuses_a_non_empty_folder_and_leaves_no_half_export(tmp_path, c
     capsys.readouterr()
     assert convert_main(["export-hf", f"--checkpoint={run}", f"--out={tmp_path}", "--overwrite"]) == 2
     assert "holds the checkpoint" in capsys.readouterr().err and os.path.isdir(run)
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 @pytest.mark.parametrize("inside", ["", "sub/run"])
