@@ -309,6 +309,11 @@ def test_cli_import_then_export(tmp_path, capsys):
     text = "w1 w2 w79 w0 unknown"
     assert auto(text, add_special_tokens=False)["input_ids"] == _word_tokenizer("reserved").encode(text).ids
     assert auto.mask_token == "<|mask|>"
+    # not sentencepiece-style: the mask takes the space before it only (RoBERTa-style)
+    mask = [t for t in json.load(open(os.path.join(out, "tokenizer.json")))["added_tokens"] if t["content"] == "<|mask|>"]
+    assert (mask[0]["lstrip"], mask[0]["rstrip"]) == (True, False)
+    assert auto("w1 <|mask|> w2", add_special_tokens=False)["input_ids"] == [
+        auto.convert_tokens_to_ids(t) for t in ("w1", "<|mask|>", "w2")]
     # a prompt to continue: bos, no eos
     assert auto(text)["input_ids"] == [auto.bos_token_id] + _word_tokenizer("reserved").encode(text).ids
     capsys.readouterr()

@@ -47,7 +47,8 @@ def _spm_to_tokenizers(model_proto: bytes):
 def _uses_metaspace(tok) -> bool:
     """True for sentencepiece-style tokenizers (a word piece starts with '▁')."""
     data = json.loads(tok.to_str())
-    return "Metaspace" in json.dumps(data.get("pre_tokenizer")) or "\u2581" in json.dumps(data.get("normalizer"))
+    pre, norm = (json.dumps(data.get(k), ensure_ascii=False) for k in ("pre_tokenizer", "normalizer"))
+    return "Metaspace" in pre or "\u2581" in norm  # '▁' replacing spaces
 
 
 def mask_added_token(name: str, metaspace: bool):
