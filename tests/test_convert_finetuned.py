@@ -12,7 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from mlm_vs_clm.convert import ConversionError, hf_export  # noqa: E402
+from mlm_vs_clm.convert import ConversionError, finetuned, hf_export  # noqa: E402
 from mlm_vs_clm.finetune import heads  # noqa: E402
 from mlm_vs_clm.model import ModelConfig  # noqa: E402
 
@@ -59,7 +59,7 @@ def _ours(model, params, tokens, attn):
 def test_finetuned_head_exports_with_identical_logits(tmp_path, kind, head, pooling, expect):
     cfg, model, params = _finetuned(kind, head, pooling)
     out = str(tmp_path / "hf")
-    config = hf_export.export_finetuned(params, cfg, out, kind, pooling, head, tokens=TOKENS, labels=["a", "b", "c"])
+    config = finetuned.export_finetuned(params, cfg, out, kind, pooling, head, tokens=TOKENS, labels=["a", "b", "c"])
     remote = expect.startswith("Bidir")
     assert ("auto_map" in config) == remote
     auto = transformers.AutoModelForTokenClassification if kind == "token_classification" else transformers.AutoModelForSequenceClassification
@@ -79,11 +79,11 @@ def test_finetuned_head_exports_with_identical_logits(tmp_path, kind, head, pool
 
 def test_finetuned_heads_that_cannot_export_say_why():
     with pytest.raises(ConversionError, match="causal"):
-        hf_export.finetuned_format("classification", attention="causal")
+        finetuned.finetuned_format("classification", attention="causal")
     with pytest.raises(ConversionError, match="qa"):
-        hf_export.finetuned_format("qa")
+        finetuned.finetuned_format("qa")
     with pytest.raises(ConversionError, match="last"):
-        hf_export.finetuned_format("classification", pooling="last", head="eurobert")
+        finetuned.finetuned_format("classification", pooling="last", head="eurobert")
 
 
 def test_eurobert_head_is_dense_exact_gelu_classifier():
@@ -128,3 +128,32 @@ def test_sentence_transformers_mean_pooling_equals_ours(tmp_path):
     pooled = np.asarray(heads.pool(h, seg, "mean"))
     np.testing.assert_allclose(emb, pooled, atol=TOL, rtol=0)
     assert json.load(open(os.path.join(out, "1_Pooling", "config.json")))["pooling_mode_mean_tokens"] is True
+
+
+@pytest.mark.parametrize("kind,head", [("classification", "eurobert"), ("token_classification", "linear")])
+def test_cli_exports_a_finetuned_checkpoint(tmp_path, capsys, kind, head):
+    from helpers import tiny_config
+    from mlm_vs_clm.convert.__main__ import main as convert_main
+
+    config = tiny_config()
+    cfg = ModelConfig.from_config(config.model)
+    model = heads.FinetuneModel(cfg, kind, 2, "mean", "bidirectional", head)
+    params = nn.meta.unbox(heads.init_head(model, jax.random.PRNGKey(0)))
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+    params = tree.unflatten([np.asarray(x + 0.2 * jax.random.normal(k, x.shape)) for x, k in zip(leaves, keys)])
+    run, out = str(tmp_path / "ft"), str(tmp_path / "hf")
+    finetuned.save_finetuned(run, config, params, kind, "mean", head, labels=["neg", "pos"])
+    capsys.readouterr()
+    assert convert_main(["export-hf", f"--checkpoint={run}", f"--out={out}"]) == 0
+    expect = "EuroBertForTokenClassification" if kind == "token_classification" else "EuroBertForSequenceClassification"
+    assert f"load with {expect}, no remote code" in capsys.readouterr().out
+    auto = transformers.AutoModelForTokenClassification if kind == "token_classification" else transformers.AutoModelForSequenceClassification
+    hf = auto.from_pretrained(out)
+    assert type(hf).__name__ == expect and hf.config.id2label[1] == "pos"
+    tokens, attn = _batch(vocab=cfg.vocab_size)
+    ours = np.asarray(_ours(model, params, tokens, attn))
+    with torch.no_grad():
+        ref = hf(torch.tensor(tokens, dtype=torch.long), attention_mask=torch.tensor(attn)).logits.numpy()
+    keep = attn == 1 if kind == "token_classification" else slice(None)
+    np.testing.assert_allclose(ours[keep], ref[keep], atol=TOL, rtol=0)

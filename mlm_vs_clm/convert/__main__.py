@@ -60,8 +60,9 @@ def main(argv=None) -> int:
                                        overwrite=args.overwrite, sentence_transformers=args.sentence_transformers)
             arch = config["architectures"][0]
             kind = "causal" if arch == "LlamaForCausalLM" else "bidirectional"
-            extra = "" if kind == "causal" or not args.sentence_transformers else " or SentenceTransformer"
-            print(f"wrote {args.out}: {kind} model ({config['model_type']}); load with {arch}{extra}, no remote code")
+            extra = " or SentenceTransformer" if os.path.exists(os.path.join(args.out, "modules.json")) else ""
+            remote = "trust_remote_code=True" if config.get("auto_map") else "no remote code"
+            print(f"wrote {args.out}: {kind} model ({config['model_type']}); load with {arch}{extra}, {remote}")
         else:
             from mlm_vs_clm.convert.hf_import import describe_import, import_hf, init_from_flags
 

@@ -40,8 +40,6 @@ BIDIR_AUTO_MAP = {
     "AutoModelForSequenceClassification": "modeling_bidir.BidirLlamaForSequenceClassification",
     "AutoModelForTokenClassification": "modeling_bidir.BidirLlamaForTokenClassification",
 }
-# our pooling -> EuroBERT's classifier_pooling ('last' has no EuroBERT counterpart)
-EUROBERT_POOLING = {"mean": "mean", "first": "bos"}
 
 
 def _rope_parameters(model_cfg) -> tuple[dict, int | None]:
@@ -242,85 +240,6 @@ def write_sentence_transformers(out_dir: str, hidden_size: int, max_seq_length: 
         json.dump(pooling, f, indent=2)
 
 
-def _dense_tensors(prefix: str, dense: dict):
-    """Our Dense {'kernel' [D, C], 'bias' [C]} -> (name, array) of a torch Linear."""
-    yield f"{prefix}.weight", np.ascontiguousarray(np.asarray(dense["kernel"], np.float32).T)
-    yield f"{prefix}.bias", np.ascontiguousarray(np.asarray(dense["bias"], np.float32))
-
-
-def finetuned_format(kind: str, pooling: str = "mean", head: str = "linear", attention: str = "bidirectional") -> str:
-    """Which Hugging Face class a fine-tuned model exports as (or a ConversionError saying why
-    it cannot): 'EuroBertForSequenceClassification', 'EuroBertForTokenClassification' or
-    'remote' (a linear sequence-classification head, or `last` pooling: modeling_bidir.py)."""
-    from mlm_vs_clm.convert import ConversionError
-
-    if attention != "bidirectional":
-        raise ConversionError(f"export-hf: a head fine-tuned with {attention!r} attention has no Hugging Face encoder class")
-    if kind == "token_classification":
-        return "EuroBertForTokenClassification"
-    if kind != "classification":
-        raise ConversionError(f"export-hf: fine-tuned {kind!r} heads are not exported (classification and token_classification are)")
-    if head == "eurobert":
-        if pooling not in EUROBERT_POOLING:
-            raise ConversionError(f"export-hf: the eurobert head with {pooling!r} pooling has no Hugging Face class (use mean or first)")
-        return "EuroBertForSequenceClassification"
-    if head != "linear":
-        raise ConversionError(f"export-hf: unknown fine-tuning head {head!r}")
-    return "remote"
-
-
-def export_finetuned(
-    params,
-    model_cfg,
-    out_dir: str,
-    kind: str,
-    pooling: str = "mean",
-    head: str = "linear",
-    attention: str = "bidirectional",
-    tokens: dict | None = None,
-    max_positions: int = 2048,
-    dtype: str = "float32",
-    shard_bytes: int = DEFAULT_SHARD_BYTES,
-    labels: list[str] | None = None,
-) -> dict:
-    """A fine-tuned tree ({'encoder', 'head'[, 'head_dense']}, see finetune/heads.py) -> the
-    matching Hugging Face classifier in `out_dir`; returns its config."""
-    arch = finetuned_format(kind, pooling, head, attention)
-    num_labels = int(np.asarray(params["head"]["bias"]).shape[0])
-    dims = Dims.of(model_cfg)
-    config = hf_config(model_cfg, tokens or {}, "bidirectional", max_positions, dtype, architecture=arch)
-    labels = list(labels) if labels else [f"LABEL_{i}" for i in range(num_labels)]
-    config["id2label"] = {str(i): name for i, name in enumerate(labels)}
-    config["label2id"] = {name: i for i, name in enumerate(labels)}
-    D, C = dims.hidden_size, num_labels
-
-    def tensors():
-        yield from iter_hf_tensors(params, dims, with_head=False)
-        if arch == "EuroBertForSequenceClassification":
-            yield from _dense_tensors("dense", params["head_dense"])
-            yield from _dense_tensors("classifier", params["head"])
-        elif arch == "EuroBertForTokenClassification":
-            yield from _dense_tensors("classifier", params["head"])
-        else:
-            yield from _dense_tensors("score", params["head"])
-
-    shapes = hf_shapes(dims, with_head=False)
-    if arch == "EuroBertForSequenceClassification":
-        shapes.update({"dense.weight": (D, D), "dense.bias": (D,), "classifier.weight": (C, D), "classifier.bias": (C,)})
-        config["classifier_pooling"] = EUROBERT_POOLING[pooling]
-    elif arch == "EuroBertForTokenClassification":
-        shapes.update({"classifier.weight": (C, D), "classifier.bias": (C,)})
-    else:
-        shapes.update({"score.weight": (C, D), "score.bias": (C,)})
-        config["classifier_pooling"] = pooling
-    os.makedirs(out_dir, exist_ok=True)
-    write_safetensors(out_dir, tensors(), shapes, dtype, shard_bytes)
-    if arch == "remote":
-        shutil.copyfile(os.path.join(os.path.dirname(__file__), MODELING_FILE), os.path.join(out_dir, MODELING_FILE))
-    _write_config(out_dir, config)
-    return config
-
-
 def trained_mask_mode(config, step: int) -> str:
     """The attention mask of the objective that trained the checkpoint's last step."""
     from mlm_vs_clm import schedules
@@ -366,7 +285,12 @@ def export_checkpoint(
     if os.path.commonpath([source, target]) == target:
         raise ConversionError(f"export-hf: --out {out_dir!r} holds the checkpoint itself; choose another folder")
     with staged_folder(out_dir, overwrite) as tmp:  # refuses a non-empty --out before loading anything
-        model = checkpoint.load_checkpoint(checkpoint_path)
+        step_dir = checkpoint.resolve_step_dir(checkpoint_path)
+        if "finetuned" in checkpoint.read_config(step_dir):
+            from mlm_vs_clm.convert.finetuned import export_finetuned_checkpoint
+
+            return export_finetuned_checkpoint(step_dir, tmp, dtype, shard_bytes)
+        model = checkpoint.load_checkpoint(step_dir)
         if mask_mode == "auto":
             mask_mode = auto_mask_mode(model.config, model.step_dir)
         seq_len = int(model.config.train.seq_len)
