@@ -555,3 +555,14 @@ def test_import_refuses_out_in_the_source(tmp_path, capsys, inside):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "inside --hf" in err
     assert open(tmp_path / "hf" / "config.json").read() == before and not (tmp_path / "hf" / "sub").exists()
+
+
+def test_import_refuses_a_non_empty_out(tmp_path, capsys):
+    _hf_llama(tmp_path / "hf")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text("mine")
+    capsys.readouterr()
+    assert convert_main(["import-hf", f"--hf={tmp_path / 'hf'}", f"--out={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "not an empty folder" in err
+    assert (tmp_path / "run" / "config.json").read_text() == "mine"

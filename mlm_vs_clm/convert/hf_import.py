@@ -244,8 +244,8 @@ def import_hf(hf_dir: str, out: str, scan_layers: bool = True, base_config: str 
     source, target = os.path.realpath(hf_dir), os.path.realpath(out)
     if os.path.commonpath([source, target]) == source:
         raise ConversionError(f"import-hf: --out {out!r} is inside --hf {hf_dir!r}; choose a folder outside the source")
-    if os.path.exists(os.path.join(out, "checkpoints")):
-        raise ConversionError(f"import-hf: {out!r} already holds a checkpoint; choose a new --out")
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise ConversionError(f"import-hf: --out {out!r} is not an empty folder; choose a new --out")
     with tempfile.TemporaryDirectory() as tmp:
         config, params, tokenizer = convert_hf(hf_dir, os.path.join(tmp, "tokenizer"), scan_layers, base_config)
         config.data.tokenizer = os.path.abspath(os.path.join(out, "tokenizer"))
