@@ -120,6 +120,7 @@ def _result_settings(config: dict) -> dict:
                 flat[prefix + k] = v
 
     walk(json.loads(json.dumps(config)), "")
+    flat.setdefault("head", "linear")  # results stored before the head was a key used the linear head
     return flat
 
 
