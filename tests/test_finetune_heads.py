@@ -100,6 +100,9 @@ def _task(name, kind, make, **kw):
 
 CASES = {
     "classification": (lambda: _task("cls", "classification", classification_examples, labels=("a", "b")), 95.0, {}),
+    "classification_eurobert_head": (
+        lambda: _task("cls", "classification", classification_examples, labels=("a", "b")), 95.0, {"head": "eurobert"},
+    ),
     "token_classification": (
         lambda: _task("tc", "token_classification", token_examples, labels=("O", "B-LOC", "I-LOC")), 90.0,
         {"token_classification_epochs": 0},
