@@ -1,4 +1,5 @@
-"""Install mlm_vs_clm: `pip install -e .` (add `[hf]` for Hugging Face conversion, `[dev]` for tests)."""
+"""Install mlm_vs_clm: `pip install -e .` (add `[hf]` for Hugging Face conversion, `[st]` to load
+exports in sentence-transformers, `[dev]` for tests)."""
 
 from setuptools import find_packages, setup
 
@@ -30,7 +31,9 @@ setup(
     ],
     extras_require={
         # torch is pinned so that pip takes the CPU wheel instead of resolving a CUDA build.
-        "hf": ["torch==2.13.0", "transformers>=5.0", "safetensors>=0.4"],
+        # transformers 5.3 added the native EuroBERT classes that encoder exports use.
+        "hf": ["torch==2.13.0", "transformers>=5.3,<6", "safetensors>=0.4"],
+        "st": ["torch==2.13.0", "transformers>=5.3,<6", "safetensors>=0.4", "sentence-transformers>=6.0"],
         "dev": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.5", "portpicker>=1.6"],
     },
 )

@@ -61,6 +61,9 @@ def get_config(arg: str = "news") -> ml_collections.ConfigDict:
     # Model knobs at fine-tuning time.
     c.attention = "bidirectional"  # or 'causal' (also for CLM-pretrained encoders, default bidirectional)
     c.pooling = "mean"  # 'mean', 'first', 'last' (sequence classification and retrieval)
+    # Sequence-classification head: 'linear' (pooled -> classes) or 'eurobert' (pooled -> dense
+    # -> GELU -> classes, the transformers EuroBertForSequenceClassification head the study used).
+    c.head = "eurobert" if suite == "paper" else "linear"
     c.retrieval_temperature = 0.05
     c.max_len = 512 if suite == "paper" else 256
     c.query_max_len = 64  # QA questions and retrieval queries

@@ -161,11 +161,14 @@ def test_export_logits_match_transformers(tmp_path, mask_mode):
     tokens = _tokens(cfg.vocab_size)
     ours = _ours(params, cfg, tokens, mask_mode)
     for impl in ("eager", "sdpa"):
+        saved = json.load(open(os.path.join(out, "config.json")))
+        assert "auto_map" not in saved and "rope_parameters" in saved and saved["dtype"] == "float32"
         if mask_mode == "causal":
-            assert "auto_map" not in json.load(open(os.path.join(out, "config.json")))
             hf = transformers.LlamaForCausalLM.from_pretrained(out, attn_implementation=impl)
-        else:
-            hf = transformers.AutoModelForMaskedLM.from_pretrained(out, trust_remote_code=True, attn_implementation=impl)
+        else:  # native: no remote code
+            assert saved["model_type"] == "eurobert" and saved["mask_token_id"] == TOKENS["mask_id"]
+            hf = transformers.AutoModelForMaskedLM.from_pretrained(out, attn_implementation=impl)
+            assert type(hf).__name__ == "EuroBertForMaskedLM"
         with torch.no_grad():
             ref = hf(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
         np.testing.assert_allclose(ours, ref, atol=TOL, rtol=0)
@@ -179,6 +182,7 @@ def test_export_logits_match_transformers(tmp_path, mask_mode):
         # Right padding: the real tokens see the same thing as our padded segment.
         attn = np.ones_like(tokens)
         attn[1, 15:] = 0
+        attn[0, 20:] = 0
         with torch.no_grad():
             ref = hf(torch.tensor(tokens, dtype=torch.long), attention_mask=torch.tensor(attn)).logits.numpy()
         ours = _ours(params, cfg, tokens, mask_mode, segment_ids_BxL=attn.astype(np.int32))
@@ -194,12 +198,15 @@ def test_export_bidirectional_auto_classes(tmp_path):
     hidden = np.asarray(LanguageModel(cfg).apply(
         {"params": params}, tokens, np.ones_like(tokens), np.broadcast_to(np.arange(L), (B, L)),
         "bidirectional", method=LanguageModel.encode))
-    base = transformers.AutoModel.from_pretrained(out, trust_remote_code=True)
+    base = transformers.AutoModel.from_pretrained(out)
+    assert type(base).__name__ == "EuroBertModel"
     with torch.no_grad():
         got = base(torch.tensor(tokens, dtype=torch.long)).last_hidden_state.numpy()
     np.testing.assert_allclose(hidden, got, atol=TOL, rtol=0)
-    seq = transformers.AutoModelForSequenceClassification.from_pretrained(out, trust_remote_code=True, num_labels=3)
-    tok = transformers.AutoModelForTokenClassification.from_pretrained(out, trust_remote_code=True, num_labels=5)
+    seq = transformers.AutoModelForSequenceClassification.from_pretrained(out, num_labels=3)
+    tok = transformers.AutoModelForTokenClassification.from_pretrained(out, num_labels=5)
+    assert type(seq).__name__ == "EuroBertForSequenceClassification" and seq.config.classifier_pooling == "mean"
+    assert type(tok).__name__ == "EuroBertForTokenClassification"
     for model in (seq, tok):
         np.testing.assert_allclose(model.model.embed_tokens.weight.detach().numpy(),
                                    params["encoder"]["embed"]["embedding"], atol=0)
@@ -210,7 +217,8 @@ def test_export_bidirectional_auto_classes(tmp_path):
     assert tok_out.logits.shape == (B, L, 5) and torch.isfinite(tok_out.loss)
     # mean pooling of the encoder output feeds the classifier
     pooled = torch.tensor(got.mean(1))
-    np.testing.assert_allclose(seq.score(pooled).detach().numpy(), seq_out.logits.numpy(), atol=TOL)
+    expect = seq.classifier(seq.activation(seq.dense(pooled)))
+    np.testing.assert_allclose(expect.detach().numpy(), seq_out.logits.numpy(), atol=TOL)
 
 
 def test_round_trip_gives_identical_tensors(tmp_path):
@@ -226,7 +234,7 @@ def test_round_trip_gives_identical_tensors(tmp_path):
         got = safe_open(str(tmp_path / "out" / file), framework="pt").get_tensor(name)
         assert torch.equal(got, original.get_tensor(name)), name
     back = json.load(open(tmp_path / "out" / "config.json"))
-    assert back["rope_scaling"]["rope_type"] == "llama3" and back["rope_theta"] == 500000.0
+    assert back["rope_parameters"]["rope_type"] == "llama3" and back["rope_parameters"]["rope_theta"] == 500000.0
 
 
 def test_export_streams_tensor_by_tensor(tmp_path):
@@ -300,9 +308,17 @@ def test_cli_import_then_export(tmp_path, capsys):
     text = "w1 w2 w79 w0 unknown"
     assert auto(text, add_special_tokens=False)["input_ids"] == _word_tokenizer("reserved").encode(text).ids
     assert auto.mask_token == "<|mask|>"
+    # not sentencepiece-style: the mask takes the space before it only (RoBERTa-style)
+    mask = [t for t in json.load(open(os.path.join(out, "tokenizer.json")))["added_tokens"] if t["content"] == "<|mask|>"]
+    assert (mask[0]["lstrip"], mask[0]["rstrip"]) == (True, False)
+    assert auto("w1 <|mask|> w2", add_special_tokens=False)["input_ids"] == [
+        auto.convert_tokens_to_ids(t) for t in ("w1", "<|mask|>", "w2")]
+    # a prompt to continue: bos, no eos
+    assert auto(text)["input_ids"] == [auto.bos_token_id] + _word_tokenizer("reserved").encode(text).ids
     capsys.readouterr()
     assert convert_main(["export-hf", f"--checkpoint={run}", f"--out={out}"]) == 2
-    assert "already holds an export" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip()
+    assert "not empty" in err and "--overwrite" in err and err.count("\n") == 0
 
 
 def _import_then_export(tmp_path, hf_dir, name):
@@ -331,8 +347,9 @@ def test_cli_round_trip_auto_keeps_source_attention(tmp_path):
     bidir = str(tmp_path / "bidir")
     assert convert_main(["export-hf", f"--checkpoint={run}", f"--out={bidir}", "--mask_mode=bidirectional"]) == 0
     _, again, rc = _import_then_export(tmp_path, bidir, "bidir")
-    assert rc == 0 and json.load(open(os.path.join(again, "config.json")))["is_causal"] is False
-    first, second = (transformers.AutoModelForMaskedLM.from_pretrained(d, trust_remote_code=True) for d in (bidir, again))
+    assert rc == 0 and json.load(open(os.path.join(again, "config.json")))["model_type"] == "eurobert"
+    assert load_checkpoint(os.path.join(tmp_path, "bidir_run")).config.imported_from.mask_mode == "bidirectional"
+    first, second = (transformers.AutoModelForMaskedLM.from_pretrained(d) for d in (bidir, again))
     with torch.no_grad():
         np.testing.assert_allclose(second(tokens).logits.numpy(), first(tokens).logits.numpy(), atol=TOL, rtol=0)
 
@@ -357,9 +374,14 @@ def test_import_reads_source_attention():
     cfg = ModelConfig(vocab_size=97, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_size=48)
     for mode in ("causal", "bidirectional"):  # what our exports write
         assert hf_import.source_mask_mode(hf_export.hf_config(cfg, TOKENS, mode)) == mode
-    assert hf_import.source_mask_mode({"architectures": ["LlamaForCausalLM"]}) == "causal"
+    assert hf_import.source_mask_mode({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}) == "causal"
+    # EuroBERT, native or with the hub's auto_map, or relabelled llama: from the architecture
+    assert hf_import.source_mask_mode({"model_type": "eurobert", "auto_map": {"AutoModel": "m.EuroBertModel"}}) == "bidirectional"
+    assert hf_import.source_mask_mode({"model_type": "llama", "architectures": ["EuroBertForMaskedLM"]}) == "bidirectional"
+    # our remote-code encoders say is_causal: false
+    assert hf_import.source_mask_mode(hf_export.hf_config(cfg, TOKENS, "bidirectional", architecture="remote")) == "bidirectional"
     # remote code that does not say: unknown, so --mask_mode=auto refuses
-    assert hf_import.source_mask_mode({"auto_map": {"AutoModel": "modeling.Encoder"}}) == ""
+    assert hf_import.source_mask_mode({"model_type": "llama", "auto_map": {"AutoModel": "modeling.Encoder"}}) == ""
 
 
 def test_auto_mask_mode_of_trained_checkpoints():
@@ -382,3 +404,164 @@ def test_cli_refuses_with_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "hidden_act" in err and "gelu_new" in err
     assert not os.path.exists(tmp_path / "run")
+
+
+def _hf_eurobert(path, auto_map=False, relabel_llama=False):
+    """A tiny random EuroBertForMaskedLM (every weight perturbed) saved at path, with a tokenizer
+    that has <mask>; `auto_map`: as the hub's remote-code folders; `relabel_llama`: model_type llama."""
+    tok = _word_tokenizer("mask")
+    torch.manual_seed(1)
+    cfg = transformers.EuroBertConfig(
+        vocab_size=tok.get_vocab_size(with_added_tokens=True) + 3, hidden_size=32, intermediate_size=48,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        rope_parameters={"rope_type": "default", "rope_theta": 250000.0}, rms_norm_eps=1e-5,
+        bos_token_id=tok.token_to_id("<|begin_of_text|>"), eos_token_id=tok.token_to_id("<|end_of_text|>"),
+        pad_token_id=tok.token_to_id("<|end_of_text|>"), mask_token_id=tok.token_to_id("<mask>"),
+    )
+    model = transformers.EuroBertForMaskedLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    model.save_pretrained(path)
+    tok.save(os.path.join(path, "tokenizer.json"))
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump({"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>", "mask_token": "<mask>"}, f)
+    saved = json.load(open(os.path.join(path, "config.json")))
+    if auto_map:
+        saved["auto_map"] = {"AutoModelForMaskedLM": "modeling_eurobert.EuroBertForMaskedLM"}
+    if relabel_llama:
+        saved["model_type"] = "llama"
+    json.dump(saved, open(os.path.join(path, "config.json"), "w"))
+    return model
+
+
+@pytest.mark.parametrize("variant", ["native", "auto_map", "relabelled_llama"])
+def test_import_eurobert_is_bidirectional(tmp_path, capsys, variant):
+    from mlm_vs_clm.checkpoint import load_checkpoint
+
+    hf = _hf_eurobert(tmp_path / "hf", auto_map=variant == "auto_map", relabel_llama=variant == "relabelled_llama")
+    run, out = str(tmp_path / "run"), str(tmp_path / "out")
+    capsys.readouterr()
+    assert convert_main(["import-hf", f"--hf={tmp_path / 'hf'}", f"--out={run}"]) == 0
+    printed = capsys.readouterr().out
+    assert "bidirectional attention" in printed and "mask token id" in printed and "found '<mask>'" in printed
+    assert "pad id" in printed and "eos id" in printed
+    model = load_checkpoint(run)
+    assert model.config.imported_from.mask_mode == "bidirectional"
+    assert model.config.tokens.mask_id == hf.config.mask_token_id
+    tokens = _tokens(hf.config.vocab_size)
+    with torch.no_grad():
+        ref = hf(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
+    np.testing.assert_allclose(model.logits(tokens, mask_mode="bidirectional"), ref, atol=TOL, rtol=0)
+    # --mask_mode=auto exports it back as a native EuroBERT with the same logits
+    assert convert_main(["export-hf", f"--checkpoint={run}", f"--out={out}"]) == 0
+    back = transformers.AutoModelForMaskedLM.from_pretrained(out)
+    assert type(back).__name__ == "EuroBertForMaskedLM"
+    with torch.no_grad():
+        np.testing.assert_allclose(back(torch.tensor(tokens, dtype=torch.long)).logits.numpy(), ref, atol=TOL, rtol=0)
+
+
+def test_import_says_when_the_vocabulary_grew(tmp_path, capsys):
+    size = _word_tokenizer("plain").get_vocab_size(with_added_tokens=True)
+    _hf_llama(tmp_path / "hf", tokenizer="plain", vocab=size)
+    capsys.readouterr()
+    assert convert_main(["import-hf", f"--hf={tmp_path / 'hf'}", f"--out={tmp_path / 'run'}"]) == 0
+    printed = capsys.readouterr().out
+    assert f"vocabulary grew {size} -> {size + 1}" in printed and "added '<|mask|>'" in printed
+    assert "causal attention" in printed
+
+
+@pytest.fixture(scope="module")
+def spm_tokenizer():
+    from mlm_vs_clm.data.tokenizer import train_tokenizer
+
+    rng = random.Random(0)
+    story = ["the", "cat", "fell", "dog", "sat", "on", "mat", "a", "tree", "big", "apple", "from"]
+    text = [" ".join(rng.choice(story) for _ in range(12)) for _ in range(1500)] + _sentences(1500, 0)
+    return train_tokenizer(text, 700, model_type="unigram")
+
+
+def test_fill_mask_pipeline_as_people_type_it(tmp_path, spm_tokenizer):
+    ours = spm_tokenizer
+    tokens = {f"{r}_id": getattr(ours, f"{r}_id") for r in ("pad", "unk", "bos", "eos", "mask")}
+    cfg, params = _our_model(seed=5, vocab_size=ours.vocab_size)
+    out = str(tmp_path / "hf")
+    hf_export.export_params(params, cfg, out, "bidirectional", tokens)
+    hf_tokenizer.write_hf_tokenizer(ours, out)
+    auto = transformers.AutoTokenizer.from_pretrained(out)
+    # typed with spaces around the mask: the ids MLM training shows (a whole word replaced)
+    ids = [ours.bos_id] + ours.encode("the") + [ours.mask_id] + ours.encode("fell") + [ours.eos_id]
+    for typed in ("the <mask> fell", "the<mask>fell", "the  <mask>  fell"):
+        assert auto(typed)["input_ids"] == ids, typed
+    logits = _ours(params, cfg, np.array([ids], np.int32), "bidirectional")[0, ids.index(ours.mask_id)]
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    fill = transformers.pipeline("fill-mask", model=out, tokenizer=out, top_k=5)
+    got = fill("the <mask> fell")
+    assert [g["token"] for g in got] == list(np.argsort(-probs)[:5])
+    np.testing.assert_allclose([g["score"] for g in got], np.sort(probs)[::-1][:5], atol=TOL, rtol=0)
+
+
+def test_export_refuses_a_non_empty_folder_and_leaves_no_half_export(tmp_path, capsys, monkeypatch):
+    _hf_llama(tmp_path / "hf")
+    run = str(tmp_path / "run")
+    assert convert_main(["import-hf", f"--hf={tmp_path / 'hf'}", f"--out={run}"]) == 0
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"the user's")
+    (out / "tokenizer.json").write_text("{}")
+    capsys.readouterr()
+    assert convert_main(["export-hf", f"--checkpoint={run}", f"--out={out}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "not empty" in err and "--overwrite" in err
+    assert (out / "model.safetensors").read_bytes() == b"the user's"
+    # a crash part way leaves neither a half export nor the temporary folder
+    from mlm_vs_clm.convert import hf_tokenizer as tokmod
+
+    def crash(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(tokmod, "write_hf_tokenizer", crash)
+    fresh = tmp_path / "fresh"
+    assert convert_main(["export-hf", f"--checkpoint={run}", f"--out={fresh}"]) == 2
+    assert not fresh.exists() and sorted(os.listdir(tmp_path)) == ["hf", "out", "run"]
+    monkeypatch.undo()
+    # --overwrite replaces the folder as a whole; an empty folder needs no flag
+    assert convert_main(["export-hf", f"--checkpoint={run}", f"--out={out}", "--overwrite"]) == 0
+    assert (out / "config.json").exists() and not (out / "tokenizer.json").read_text() == "{}"
+    assert os.stat(out).st_mode & 0o777 == 0o777 & ~_umask()
+    assert transformers.AutoModelForCausalLM.from_pretrained(str(out)) is not None
+    (tmp_path / "empty").mkdir()
+    assert convert_main(["export-hf", f"--checkpoint={run}", f"--out={tmp_path / 'empty'}"]) == 0
+    # never over the checkpoint itself
+    capsys.readouterr()
+    assert convert_main(["export-hf", f"--checkpoint={run}", f"--out={tmp_path}", "--overwrite"]) == 2
+    assert "holds the checkpoint" in capsys.readouterr().err and os.path.isdir(run)
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@pytest.mark.parametrize("inside", ["", "sub/run"])
+def test_import_refuses_out_in_the_source(tmp_path, capsys, inside):
+    _hf_llama(tmp_path / "hf")
+    before = open(tmp_path / "hf" / "config.json").read()
+    capsys.readouterr()
+    assert convert_main(["import-hf", f"--hf={tmp_path / 'hf'}", f"--out={tmp_path / 'hf' / inside}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "inside --hf" in err
+    assert open(tmp_path / "hf" / "config.json").read() == before and not (tmp_path / "hf" / "sub").exists()
+
+
+def test_import_refuses_a_non_empty_out(tmp_path, capsys):
+    _hf_llama(tmp_path / "hf")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text("mine")
+    capsys.readouterr()
+    assert convert_main(["import-hf", f"--hf={tmp_path / 'hf'}", f"--out={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "not an empty folder" in err
+    assert (tmp_path / "run" / "config.json").read_text() == "mine"

@@ -101,6 +101,9 @@ def _task(name, kind, make, **kw):
 
 CASES = {
     "classification": (lambda: _task("cls", "classification", classification_examples, labels=("a", "b")), 95.0, {}),
+    "classification_eurobert_head": (
+        lambda: _task("cls", "classification", classification_examples, labels=("a", "b")), 95.0, {"head": "eurobert"},
+    ),
     "token_classification": (
         lambda: _task("tc", "token_classification", token_examples, labels=("O", "B-LOC", "I-LOC")), 90.0,
         {"token_classification_epochs": 0},
@@ -191,3 +194,37 @@ def test_retrieval_loss_masks_in_batch_columns_relevant_to_the_query(env):
     # Columns 0, 1 and 3 hold paris documents: not negatives for the paris rows (0, 1, 3).
     assert abs(loss - masked) <= tol
     assert abs(loss - unmasked) > 100 * tol and abs(masked - unmasked) > 1e-3  # the unmasked loss differs
+
+
+def test_eurobert_head_is_pooled_dense_exact_gelu_linear():
+    """head='eurobert': pooled -> dense -> GELU (erf form, as torch.nn.GELU) -> classes, against
+    a float64 numpy reference; head='linear' has no dense layer."""
+    from scipy.special import erf
+
+    cfg, encoder = tiny_model(97)
+    model = heads.FinetuneModel(cfg, "classification", 3, "mean", "bidirectional", "eurobert")
+    params = nn.meta.unbox(heads.init_head(model, jax.random.PRNGKey(0)))
+    params["encoder"] = encoder["encoder"]
+    rng = np.random.RandomState(0)
+    params["head_dense"] = {"kernel": rng.normal(0, 0.5, (32, 32)).astype(np.float32), "bias": rng.normal(0, 0.5, 32).astype(np.float32)}
+    tokens = rng.randint(5, 97, (2, 12)).astype(np.int32)
+    seg = np.ones_like(tokens)
+    seg[1, 7:] = 0
+    pos = np.broadcast_to(np.arange(12, dtype=np.int32), tokens.shape)
+    h = np.asarray(model.apply({"params": params}, tokens, seg, pos, method=heads.FinetuneModel.hidden), np.float64)
+    pooled = (h * seg[..., None]).sum(1) / seg.sum(1, keepdims=True)
+    x = pooled @ params["head_dense"]["kernel"] + params["head_dense"]["bias"]
+    x = 0.5 * x * (1 + erf(x / np.sqrt(2)))
+    expect = x @ np.asarray(params["head"]["kernel"], np.float64) + np.asarray(params["head"]["bias"], np.float64)
+    np.testing.assert_allclose(np.asarray(model.apply({"params": params}, tokens, seg, pos)), expect, atol=1e-4, rtol=0)
+    linear = heads.FinetuneModel(cfg, "classification", 3, "mean", "bidirectional", "linear")
+    assert "head_dense" not in nn.meta.unbox(heads.init_head(linear, jax.random.PRNGKey(0)))
+    with pytest.raises(ValueError, match="head must be one of"):
+        heads.init_head(heads.FinetuneModel(cfg, "classification", 3, head_type="mlp"), jax.random.PRNGKey(0))
+
+
+def test_head_defaults_and_validation():
+    assert load_config("configs/finetune.py:paper").head == "eurobert"
+    assert load_config("configs/finetune.py:news_quick").head == "linear"
+    with pytest.raises(Exception, match="head must be one of"):
+        grid.validate(ft_config(head="mlp"))

@@ -1,4 +1,4 @@
-"""python -m mlm_vs_clm.convert export-hf --checkpoint=PATH --out=DIR [--mask_mode=auto] [--dtype=float32] [--shard_size=5GB]
+"""python -m mlm_vs_clm.convert export-hf --checkpoint=PATH --out=DIR [--mask_mode=auto] [--dtype=float32] [--shard_size=5GB] [--overwrite] [--no_sentence_transformers]
 python -m mlm_vs_clm.convert import-hf --hf=DIR --out=PATH [--no_scan_layers]
 
 Errors print one line (`error: ...`) and exit with status 2.
@@ -35,7 +35,11 @@ def _parser() -> argparse.ArgumentParser:
                      help="auto: the mask of the objective that trained the last step (an import: its source's)")
     exp.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     exp.add_argument("--shard_size", default="5GB", type=parse_size, help="largest safetensors file")
-    imp = sub.add_parser("import-hf", help="Hugging Face Llama folder -> our checkpoint")
+    exp.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    exp.add_argument("--sentence_transformers", dest="sentence_transformers", action="store_true", default=True,
+                     help="encoders: also write the sentence-transformers files (mean pooling; the default)")
+    exp.add_argument("--no_sentence_transformers", dest="sentence_transformers", action="store_false")
+    imp = sub.add_parser("import-hf", help="Hugging Face Llama or EuroBERT folder -> our checkpoint")
     imp.add_argument("--hf", required=True, help="folder with config.json, safetensors and tokenizer.json")
     imp.add_argument("--out", required=True, help="new run directory to write")
     imp.add_argument("--no_scan_layers", action="store_true", help="per-layer params (model.scan_layers=False)")
@@ -52,14 +56,19 @@ def main(argv=None) -> int:
         if args.command == "export-hf":
             from mlm_vs_clm.convert.hf_export import export_checkpoint
 
-            config = export_checkpoint(args.checkpoint, args.out, args.mask_mode, args.dtype, args.shard_size)
-            how = "LlamaForCausalLM" if config["is_causal"] else "AutoModelForMaskedLM (trust_remote_code=True)"
-            print(f"wrote {args.out}: {'causal' if config['is_causal'] else 'bidirectional'} model; load with {how}")
+            config = export_checkpoint(args.checkpoint, args.out, args.mask_mode, args.dtype, args.shard_size,
+                                       overwrite=args.overwrite, sentence_transformers=args.sentence_transformers)
+            arch = config["architectures"][0]
+            kind = "causal" if arch == "LlamaForCausalLM" else "bidirectional"
+            extra = " or SentenceTransformer" if os.path.exists(os.path.join(args.out, "modules.json")) else ""
+            remote = "trust_remote_code=True" if config.get("auto_map") else "no remote code"
+            print(f"wrote {args.out}: {kind} model ({config['model_type']}); load with {arch}{extra}, {remote}")
         else:
-            from mlm_vs_clm.convert.hf_import import import_hf, init_from_flags
+            from mlm_vs_clm.convert.hf_import import describe_import, import_hf, init_from_flags
 
             out = os.path.abspath(args.out)
             step_dir, config = import_hf(args.hf, out, scan_layers=not args.no_scan_layers, base_config=args.base_config)
+            print(f"imported {describe_import(config)}")
             print(f"wrote {step_dir}; train from it with:\n  " + " ".join(init_from_flags(config, out)))
     except (ValueError, OSError, CheckpointError) as e:  # ConversionError is a ValueError
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

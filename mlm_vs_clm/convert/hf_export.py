@@ -1,19 +1,26 @@
-"""Our (config, params) -> a Hugging Face folder: config.json, safetensors weights, modeling file.
+"""Our (config, params) -> a Hugging Face folder: config.json, safetensors weights, tokenizer.
 
 Weights are streamed tensor by tensor into safetensors files (sharded with an index above
-`shard_bytes`), so the export holds the parameters plus one tensor at a time. Causal models
-load as plain `LlamaForCausalLM`; bidirectional encoders get `modeling_bidir.py` and an
-`auto_map` for AutoModel / AutoModelForMaskedLM / AutoModelForSequenceClassification /
-AutoModelForTokenClassification (with `trust_remote_code=True`).
+`shard_bytes`), so the export holds the parameters plus one tensor at a time.
+- causal models: plain `LlamaForCausalLM` (model_type llama);
+- bidirectional encoders: native `eurobert` folders (`EuroBertForMaskedLM`, and fine-tuned
+  heads as `EuroBertForSequenceClassification` / `EuroBertForTokenClassification`), loaded with
+  no remote code;
+- the one thing EuroBERT cannot express, a fine-tuned *linear* sequence-classification head
+  (or `last` pooling), keeps the remote-code format: a Llama config with `auto_map` and
+  `modeling_bidir.py`.
+A whole export is written into a temporary sibling folder and renamed into place at the end.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import shutil
 import struct
+import tempfile
 
 import ml_dtypes
 import numpy as np
@@ -35,27 +42,35 @@ BIDIR_AUTO_MAP = {
 }
 
 
-def hf_config(model_cfg, tokens, mask_mode: str, max_positions: int = 2048, dtype: str = "float32") -> dict:
-    """A LlamaConfig dict (rope in the transformers-4 spelling, which transformers 5 also reads)
-    plus `is_causal` and `mask_token_id`."""
+def _rope_parameters(model_cfg) -> tuple[dict, int | None]:
+    """transformers-5 `rope_parameters` and the max position it implies (or None)."""
+    rope = {"rope_type": "default", "rope_theta": float(model_cfg.rope_theta)}
+    if model_cfg.rope_scaling == "llama3":
+        rope.update(
+            rope_type="llama3",
+            factor=model_cfg.rope_scaling_factor,
+            low_freq_factor=model_cfg.rope_low_freq_factor,
+            high_freq_factor=model_cfg.rope_high_freq_factor,
+            original_max_position_embeddings=model_cfg.rope_original_max_position,
+        )
+        return rope, int(model_cfg.rope_original_max_position * model_cfg.rope_scaling_factor)
+    if model_cfg.rope_scaling:
+        raise ValueError(f"export-hf: unsupported model.rope_scaling {model_cfg.rope_scaling!r}")
+    return rope, None
+
+
+def hf_config(model_cfg, tokens, mask_mode: str, max_positions: int = 2048, dtype: str = "float32",
+              architecture: str = "") -> dict:
+    """The config.json of an export (transformers-5 spellings: `rope_parameters`, `dtype`).
+
+    causal: a LlamaConfig for LlamaForCausalLM. bidirectional: a EuroBertConfig
+    (`architecture` defaults to EuroBertForMaskedLM). `architecture` = 'remote': a LlamaConfig
+    with `is_causal: false` and the `auto_map` of modeling_bidir.py."""
     if mask_mode not in ("causal", "bidirectional"):
         raise ValueError(f"export-hf: mask_mode must be 'causal' or 'bidirectional', got {mask_mode!r}")
     causal = mask_mode == "causal"
-    rope_scaling = None
-    if model_cfg.rope_scaling == "llama3":
-        rope_scaling = {
-            "rope_type": "llama3",
-            "factor": model_cfg.rope_scaling_factor,
-            "low_freq_factor": model_cfg.rope_low_freq_factor,
-            "high_freq_factor": model_cfg.rope_high_freq_factor,
-            "original_max_position_embeddings": model_cfg.rope_original_max_position,
-        }
-        max_positions = max(max_positions, int(model_cfg.rope_original_max_position * model_cfg.rope_scaling_factor))
-    elif model_cfg.rope_scaling:
-        raise ValueError(f"export-hf: unsupported model.rope_scaling {model_cfg.rope_scaling!r}")
+    rope, implied = _rope_parameters(model_cfg)
     config = {
-        "architectures": ["LlamaForCausalLM" if causal else "BidirLlamaForMaskedLM"],
-        "model_type": "llama",
         "vocab_size": model_cfg.vocab_size,
         "hidden_size": model_cfg.hidden_size,
         "intermediate_size": model_cfg.ffn_size,
@@ -64,27 +79,62 @@ def hf_config(model_cfg, tokens, mask_mode: str, max_positions: int = 2048, dtyp
         "num_key_value_heads": model_cfg.num_kv_heads,
         "head_dim": model_cfg.hidden_size // model_cfg.num_heads,
         "hidden_act": "silu",
-        "max_position_embeddings": int(max_positions),
+        "max_position_embeddings": max(int(max_positions), implied or 0),
         "rms_norm_eps": model_cfg.norm_eps,
-        "rope_theta": model_cfg.rope_theta,
-        "rope_scaling": rope_scaling,
+        "rope_parameters": rope,
         "attention_bias": False,
         "attention_dropout": 0.0,
         "mlp_bias": False,
         "tie_word_embeddings": False,
         "initializer_range": model_cfg.init_std,
-        "torch_dtype": dtype,
+        "dtype": dtype,
         "use_cache": causal,
-        "is_causal": causal,
         "bos_token_id": tokens.get("bos_id"),
         "eos_token_id": tokens.get("eos_id"),
         "pad_token_id": tokens.get("pad_id"),
         "mask_token_id": tokens.get("mask_id"),
     }
-    if not causal:
-        config["auto_map"] = dict(BIDIR_AUTO_MAP)
-        config["classifier_pooling"] = "mean"
+    if causal:
+        config.update(architectures=["LlamaForCausalLM"], model_type="llama", is_causal=True)
+    elif architecture == "remote":
+        config.update(architectures=["BidirLlamaForSequenceClassification"], model_type="llama", is_causal=False,
+                      auto_map=dict(BIDIR_AUTO_MAP), classifier_pooling="mean")
+    else:
+        config.update(architectures=[architecture or "EuroBertForMaskedLM"], model_type="eurobert",
+                      classifier_pooling="mean")
     return config
+
+
+@contextlib.contextmanager
+def staged_folder(out_dir: str, overwrite: bool = False):
+    """Yields a temporary folder beside `out_dir` that becomes `out_dir` when the block ends
+    without an error (else it is removed). Refuses a non-empty `out_dir` unless `overwrite`;
+    refuses a file at `out_dir` always."""
+    from mlm_vs_clm.convert import ConversionError
+
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ConversionError(f"export-hf: --out {out_dir!r} is a file")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+        raise ConversionError(f"export-hf: --out {out_dir!r} is not empty; choose a new folder or pass --overwrite")
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.partial-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would hide the export from other users
+    try:
+        yield tmp
+        old = None
+        if os.path.isdir(out_dir):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
+            os.rename(out_dir, os.path.join(old, "x"))
+        os.rename(tmp, out_dir)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _plan_shards(shapes: dict, itemsize: int, shard_bytes: int) -> list[list[str]]:
@@ -145,6 +195,11 @@ def write_safetensors(out_dir, tensors, shapes: dict, dtype="float32", shard_byt
     return names
 
 
+def _write_config(out_dir: str, config: dict) -> None:
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+
+
 def export_params(
     params,
     model_cfg,
@@ -155,16 +210,34 @@ def export_params(
     dtype: str = "float32",
     shard_bytes: int = DEFAULT_SHARD_BYTES,
 ) -> dict:
-    """Writes config.json, the weights and (bidirectional) the modeling file; returns the config."""
+    """Writes config.json and the weights of a pretrained model (LM head included) into
+    `out_dir`: LlamaForCausalLM or EuroBertForMaskedLM. Returns the config."""
     os.makedirs(out_dir, exist_ok=True)
     config = hf_config(model_cfg, tokens or {}, mask_mode, max_positions, dtype)
     dims = Dims.of(model_cfg)
     write_safetensors(out_dir, iter_hf_tensors(params, dims), hf_shapes(dims), dtype, shard_bytes)
-    if mask_mode == "bidirectional":
-        shutil.copyfile(os.path.join(os.path.dirname(__file__), MODELING_FILE), os.path.join(out_dir, MODELING_FILE))
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
+    _write_config(out_dir, config)
     return config
+
+
+def write_sentence_transformers(out_dir: str, hidden_size: int, max_seq_length: int) -> None:
+    """modules.json, sentence_bert_config.json and 1_Pooling/config.json: `SentenceTransformer(out_dir)`
+    = the encoder (AutoModel) + mean pooling over the non-padding tokens (specials included,
+    as our fine-tuning pools)."""
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]
+    with open(os.path.join(out_dir, "modules.json"), "w") as f:
+        json.dump(modules, f, indent=2)
+    with open(os.path.join(out_dir, "sentence_bert_config.json"), "w") as f:
+        json.dump({"max_seq_length": int(max_seq_length), "do_lower_case": False}, f, indent=2)
+    os.makedirs(os.path.join(out_dir, "1_Pooling"), exist_ok=True)
+    modes = ("cls_token", "mean_tokens", "max_tokens", "mean_sqrt_len_tokens", "weightedmean_tokens", "lasttoken")
+    pooling = {"word_embedding_dimension": int(hidden_size), **{f"pooling_mode_{m}": m == "mean_tokens" for m in modes},
+               "include_prompt": True}
+    with open(os.path.join(out_dir, "1_Pooling", "config.json"), "w") as f:
+        json.dump(pooling, f, indent=2)
 
 
 def trained_mask_mode(config, step: int) -> str:
@@ -198,27 +271,33 @@ def export_checkpoint(
     mask_mode: str = "auto",
     dtype: str = "float32",
     shard_bytes: int = DEFAULT_SHARD_BYTES,
+    overwrite: bool = False,
+    sentence_transformers: bool = True,
 ) -> dict:
-    """Our checkpoint (run or step directory) -> a Hugging Face folder; returns its config."""
+    """Our checkpoint (run or step directory) -> a Hugging Face folder; returns its config.
+    Encoders also get the sentence-transformers files unless `sentence_transformers` is False."""
     from mlm_vs_clm import checkpoint
-    from mlm_vs_clm.convert import ConversionError
     from mlm_vs_clm.convert.hf_tokenizer import write_hf_tokenizer
 
-    if os.path.exists(os.path.join(out_dir, "config.json")):
-        raise ConversionError(f"export-hf: {out_dir!r} already holds an export; choose a new --out")
-    model = checkpoint.load_checkpoint(checkpoint_path)
-    if mask_mode == "auto":
-        mask_mode = auto_mask_mode(model.config, model.step_dir)
-    config = export_params(
-        model.params,
-        model.model_config,
-        out_dir,
-        mask_mode,
-        tokens=dict(model.config.tokens),
-        max_positions=int(model.config.train.seq_len),
-        dtype=dtype,
-        shard_bytes=shard_bytes,
-    )
-    if model.tokenizer is not None:
-        write_hf_tokenizer(model.tokenizer, out_dir)
+    from mlm_vs_clm.convert import ConversionError
+
+    source, target = os.path.realpath(checkpoint_path), os.path.realpath(out_dir)
+    if os.path.commonpath([source, target]) == target:
+        raise ConversionError(f"export-hf: --out {out_dir!r} holds the checkpoint itself; choose another folder")
+    with staged_folder(out_dir, overwrite) as tmp:  # refuses a non-empty --out before loading anything
+        step_dir = checkpoint.resolve_step_dir(checkpoint_path)
+        if "finetuned" in checkpoint.read_config(step_dir):
+            from mlm_vs_clm.convert.finetuned import export_finetuned_checkpoint
+
+            return export_finetuned_checkpoint(step_dir, tmp, dtype, shard_bytes)
+        model = checkpoint.load_checkpoint(step_dir)
+        if mask_mode == "auto":
+            mask_mode = auto_mask_mode(model.config, model.step_dir)
+        seq_len = int(model.config.train.seq_len)
+        config = export_params(model.params, model.model_config, tmp, mask_mode, tokens=dict(model.config.tokens),
+                               max_positions=seq_len, dtype=dtype, shard_bytes=shard_bytes)
+        if model.tokenizer is not None:
+            write_hf_tokenizer(model.tokenizer, tmp, causal=mask_mode == "causal")
+        if mask_mode == "bidirectional" and sentence_transformers:
+            write_sentence_transformers(tmp, model.model_config.hidden_size, seq_len)
     return config

@@ -1,6 +1,8 @@
-"""Hugging Face Llama checkpoint -> our (config, params): config checks and lazy weight reading.
+"""Hugging Face Llama or EuroBERT checkpoint -> our (config, params): config checks and lazy
+weight reading.
 
-Supported: model_type 'llama' (Llama 3.x, SmolLM, TinyLlama, our own exports), grouped-query
+Supported: model_type 'llama' (Llama 3.x, SmolLM, TinyLlama, our own exports) and 'eurobert'
+(native, or with the hub's `auto_map`: bidirectional encoders), grouped-query
 attention, tied or untied embeddings, rope theta and 'llama3' rope scaling, weights in
 safetensors (one file or sharded with an index). Anything else is refused with a
 `ConversionError` naming the unsupported field.
@@ -16,6 +18,9 @@ import numpy as np
 
 from mlm_vs_clm.convert import ConversionError
 from mlm_vs_clm.convert.params import Dims, params_from_hf
+
+
+SUPPORTED_MODEL_TYPES = ("llama", "eurobert")
 
 
 def read_hf_config(hf_dir: str) -> dict:
@@ -51,8 +56,8 @@ def _rope_fields(hf: dict) -> dict:
 def model_fields_from_hf(hf: dict) -> dict:
     """Our model.* fields from a Hugging Face config dict; refuses what our model cannot express."""
     model_type = hf.get("model_type")
-    if model_type != "llama":
-        raise ConversionError(f"import-hf: unsupported model_type {model_type!r} (only 'llama' is supported)")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ConversionError(f"import-hf: unsupported model_type {model_type!r} (supported: 'llama', 'eurobert')")
     for key in ("attention_bias", "mlp_bias"):
         if hf.get(key):
             raise ConversionError(f"import-hf: unsupported {key}=true (our blocks have no biases)")
@@ -86,12 +91,18 @@ def model_fields_from_hf(hf: dict) -> dict:
 
 
 def source_mask_mode(hf: dict) -> str:
-    """The attention the Hugging Face model uses: `is_causal` where the config says (our
-    exports do), else causal for transformers' own Llama classes, and '' (unknown) for remote
-    code (`auto_map`)."""
-    if "is_causal" in hf:
+    """The attention the Hugging Face model uses, from its architecture: 'bidirectional' for
+    EuroBERT (model_type or class) and masked-LM classes, else what an explicit `is_causal`
+    says (our remote-code encoders say false), 'causal' for transformers' own Llama classes
+    (model_type llama, no `auto_map`), and '' (unknown) for other remote code."""
+    archs = [a for a in (hf.get("architectures") or []) if isinstance(a, str)]
+    if hf.get("model_type") == "eurobert" or any(a.startswith("EuroBert") or a.endswith("ForMaskedLM") for a in archs):
+        return "bidirectional"
+    if isinstance(hf.get("is_causal"), bool):
         return "causal" if hf["is_causal"] else "bidirectional"
-    return "" if hf.get("auto_map") else "causal"
+    if hf.get("auto_map"):
+        return ""
+    return "causal"
 
 
 class HFWeights:
@@ -177,7 +188,8 @@ def convert_hf(hf_dir: str, tokenizer_dir: str, scan_layers: bool = True, base_c
 
     hf = read_hf_config(hf_dir)
     fields = model_fields_from_hf(hf)
-    tokenizer, grew = import_hf_tokenizer(hf_dir, tokenizer_dir, fields["vocab_size"])
+    vocab_before = fields["vocab_size"]
+    tokenizer, grew, mask_how = import_hf_tokenizer(hf_dir, tokenizer_dir, fields["vocab_size"])
     params = load_hf_params(hf_dir, hf, scan_layers=scan_layers)
     if grew:
         params = _grow_vocab(params)
@@ -197,11 +209,22 @@ def convert_hf(hf_dir: str, tokenizer_dir: str, scan_layers: bool = True, base_c
             hf=os.path.abspath(hf_dir),
             architectures=",".join(hf.get("architectures") or []),
             mask_mode=source_mask_mode(hf),
+            model_type=str(hf.get("model_type")),
+            mask_token=mask_how,
+            vocab_size=vocab_before,
         )
     )
     return config, params, tokenizer
 
 
+def describe_import(config) -> str:
+    """One line: what the import chose (attention, mask token, vocabulary, pad/eos ids)."""
+    src, tokens = config.imported_from, config.tokens
+    grew = int(config.model.vocab_size) - int(src.get("vocab_size", config.model.vocab_size))
+    vocab = f"vocabulary grew {src.vocab_size} -> {config.model.vocab_size}" if grew else f"vocabulary {config.model.vocab_size}"
+    return (f"{src.model_type} ({src.architectures or 'no architectures'}): {src.mask_mode or 'unknown'} attention; "
+            f"mask token id {tokens.mask_id} ({src.mask_token}); {vocab}; pad id {tokens.pad_id}, eos id {tokens.eos_id}, "
+            f"bos id {tokens.bos_id}")
 
 
 def init_from_flags(config, out: str) -> list[str]:
@@ -218,8 +241,11 @@ def import_hf(hf_dir: str, out: str, scan_layers: bool = True, base_config: str 
 
     from mlm_vs_clm import checkpoint
 
-    if os.path.exists(os.path.join(out, "checkpoints")):
-        raise ConversionError(f"import-hf: {out!r} already holds a checkpoint; choose a new --out")
+    source, target = os.path.realpath(hf_dir), os.path.realpath(out)
+    if os.path.commonpath([source, target]) == source:
+        raise ConversionError(f"import-hf: --out {out!r} is inside --hf {hf_dir!r}; choose a folder outside the source")
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise ConversionError(f"import-hf: --out {out!r} is not an empty folder; choose a new --out")
     with tempfile.TemporaryDirectory() as tmp:
         config, params, tokenizer = convert_hf(hf_dir, os.path.join(tmp, "tokenizer"), scan_layers, base_config)
         config.data.tokenizer = os.path.abspath(os.path.join(out, "tokenizer"))

@@ -2,8 +2,13 @@
 `tokenizer.json` -> our tokenizer interface, with a mask token added when it has none.
 
 Export: a sentencepiece model becomes a `tokenizers` Unigram/BPE model through transformers'
-own sentencepiece converter (same ids); the role tokens are registered as special tokens and
-`tokenizer(text)` adds bos/eos around each text, as our data pipeline does.
+own sentencepiece converter (same ids); the role tokens are registered as special tokens.
+Encoders: `tokenizer(text)` adds bos/eos around each text, as our data pipeline does; causal
+models: bos only (a prompt to continue must not end in eos). The mask token swallows the
+spaces around it the way the tokenizer needs (`the <mask> fell` -> the ids of `the`, mask,
+`fell`, what MLM training showed the model): spaces on both sides for sentencepiece-style
+(Metaspace) tokenizers, whose next word piece carries its own `▁`; the space before it for
+byte-level ones, RoBERTa-style.
 Import: the mask token is the tokenizer's own, else the first reserved special token
 (renamed `<|mask|>`, as Llama-3's `<|reserved_special_token_0|>` = 128002 in the study), else
 a new `<|mask|>` appended after the vocabulary.
@@ -39,8 +44,23 @@ def _spm_to_tokenizers(model_proto: bytes):
     return tok
 
 
-def to_hf_tokenizer(tokenizer):
-    """Our tokenizer -> transformers.PreTrainedTokenizerFast with the same ids."""
+def _uses_metaspace(tok) -> bool:
+    """True for sentencepiece-style tokenizers (a word piece starts with '▁')."""
+    data = json.loads(tok.to_str())
+    pre, norm = (json.dumps(data.get(k), ensure_ascii=False) for k in ("pre_tokenizer", "normalizer"))
+    return "Metaspace" in pre or "\u2581" in norm  # '▁' replacing spaces
+
+
+def mask_added_token(name: str, metaspace: bool):
+    """The mask as an AddedToken that eats the spaces a typed `<mask>` brings (see above)."""
+    import tokenizers
+
+    return tokenizers.AddedToken(name, special=True, normalized=False, lstrip=True, rstrip=metaspace)
+
+
+def to_hf_tokenizer(tokenizer, causal: bool = False):
+    """Our tokenizer -> transformers.PreTrainedTokenizerFast with the same ids (bos + text +
+    eos per text; causal: bos + text)."""
     import tokenizers
     from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
@@ -59,11 +79,15 @@ def to_hf_tokenizer(tokenizer):
         token_id = getattr(tokenizer, f"{role}_id", None)
         if token_id is not None:
             names[role] = tok.id_to_token(token_id)
-    tok.add_special_tokens([tokenizers.AddedToken(n, special=True, normalized=False) for n in names.values()])
+    metaspace = _uses_metaspace(tok)
+    tok.add_special_tokens([
+        mask_added_token(n, metaspace) if role == "mask" else tokenizers.AddedToken(n, special=True, normalized=False)
+        for role, n in names.items()
+    ])
     for role, name in names.items():
         if tok.token_to_id(name) != getattr(tokenizer, f"{role}_id"):
             raise ConversionError(f"export-hf: the {role} token {name!r} does not keep its id")
-    bos, eos = names.get("bos"), names.get("eos")
+    bos, eos = names.get("bos"), (None if causal else names.get("eos"))
     single = " ".join(([f"{bos}:0"] if bos else []) + ["$A:0"] + ([f"{eos}:0"] if eos else []))
     pair = single + " " + " ".join(["$B:1"] + ([f"{eos}:1"] if eos else []))
     tok.post_processor = processors.TemplateProcessing(
@@ -72,12 +96,13 @@ def to_hf_tokenizer(tokenizer):
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         padding_side="right",
+        model_input_names=["input_ids", "attention_mask"],
         **{f"{role}_token": name for role, name in names.items()},
     )
 
 
-def write_hf_tokenizer(tokenizer, out_dir: str) -> None:
-    to_hf_tokenizer(tokenizer).save_pretrained(out_dir)
+def write_hf_tokenizer(tokenizer, out_dir: str, causal: bool = False) -> None:
+    to_hf_tokenizer(tokenizer, causal=causal).save_pretrained(out_dir)
 
 
 # ---------------------------------------------------------------------------- import
@@ -128,9 +153,9 @@ def _rename_token(data: dict, old: str, new: str) -> None:
 
 
 def import_hf_tokenizer(hf_dir: str, out_dir: str, vocab_size: int):
-    """Writes out_dir/tokenizer.json (+ tokenizer_meta.json) and returns (tokenizer, grew):
+    """Writes out_dir/tokenizer.json (+ tokenizer_meta.json) and returns (tokenizer, grew, how):
     `grew` is True when a mask token was appended at id == vocab_size (the embedding and the
-    head must grow by one row)."""
+    head must grow by one row); `how` says where the mask token came from."""
     import tokenizers
 
     from mlm_vs_clm.data.tokenizer import load_tokenizer
@@ -146,10 +171,12 @@ def import_hf_tokenizer(hf_dir: str, out_dir: str, vocab_size: int):
     if size > vocab_size:
         raise ConversionError(f"import-hf: the tokenizer has {size} tokens, more than vocab_size {vocab_size}")
     roles = _declared_roles(hf_dir, vocab)
+    how = f"found {tok.id_to_token(roles['mask'])!r}" if "mask" in roles else ""
     if "mask" not in roles:
         for candidate in ("<mask>", MASK_TOKEN, "[MASK]"):
             if candidate in vocab:
                 roles["mask"] = vocab[candidate]
+                how = f"found {candidate!r}"
                 break
     grew = False
     if "mask" not in roles:
@@ -162,10 +189,12 @@ def import_hf_tokenizer(hf_dir: str, out_dir: str, vocab_size: int):
             token_id, old = reserved[0]
             _rename_token(data, old, MASK_TOKEN)
             tok = tokenizers.Tokenizer.from_str(json.dumps(data))
+            how = f"{old!r} renamed {MASK_TOKEN!r}"
         else:
             tok.add_special_tokens([tokenizers.AddedToken(MASK_TOKEN, special=True, normalized=False)])
             token_id = tok.token_to_id(MASK_TOKEN)
             grew = token_id >= vocab_size
+            how = f"added {MASK_TOKEN!r}"
         roles["mask"] = token_id
     if "pad" not in roles and "eos" in roles:
         roles["pad"] = roles["eos"]  # padding is never attended to; any real id will do
@@ -173,4 +202,4 @@ def import_hf_tokenizer(hf_dir: str, out_dir: str, vocab_size: int):
     tok.save(os.path.join(out_dir, "tokenizer.json"))
     with open(os.path.join(out_dir, "tokenizer_meta.json"), "w") as f:
         json.dump({f"{r}_id": i for r, i in roles.items()}, f, indent=1)
-    return load_tokenizer(out_dir), grew
+    return load_tokenizer(out_dir), grew, how

@@ -1,4 +1,6 @@
-"""Bidirectional Llama encoder, written next to the weights by `mlm_vs_clm.convert export-hf`.
+"""Bidirectional Llama encoder: the remote-code format, written next to the weights only where
+native EuroBERT cannot express the model (a fine-tuned *linear* sequence-classification head,
+or last-token pooling; see docs/convert.md). Encoders otherwise export as native `eurobert`.
 
 Load with `trust_remote_code=True` through AutoModel, AutoModelForMaskedLM,
 AutoModelForSequenceClassification or AutoModelForTokenClassification. The blocks are

@@ -40,4 +40,4 @@ def hf_loader(hf_dir: str) -> str:
         causal = json.load(f).get("is_causal")
     if causal:
         return "LlamaForCausalLM.from_pretrained(...): a causal model"
-    return "AutoModelForMaskedLM.from_pretrained(..., trust_remote_code=True): a bidirectional encoder"
+    return "AutoModelForMaskedLM.from_pretrained(...): a bidirectional encoder (native EuroBERT, no remote code)"

@@ -77,6 +77,8 @@ def validate(ft) -> None:
         raise ConfigError(f"config: attention must be one of {MASK_MODES}, got {ft.attention!r}")
     if ft.pooling not in heads.POOLINGS:
         raise ConfigError(f"config: pooling must be one of {heads.POOLINGS}, got {ft.pooling!r}")
+    if ft.get("head", "linear") not in heads.HEADS:
+        raise ConfigError(f"config: head must be one of {heads.HEADS}, got {ft.head!r}")
     if not 0.0 <= ft.warmup_fraction < 1.0:
         raise ConfigError(f"config: warmup_fraction must be in [0, 1), got {ft.warmup_fraction}")
     if ft.retrieval_temperature <= 0:
@@ -118,6 +120,7 @@ def _result_settings(config: dict) -> dict:
                 flat[prefix + k] = v
 
     walk(json.loads(json.dumps(config)), "")
+    flat.setdefault("head", "linear")  # results stored before the head was a key used the linear head
     return flat
 
 

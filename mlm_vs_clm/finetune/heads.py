@@ -1,7 +1,10 @@
 """Task heads on top of the pretrained encoder (`LanguageModel.encode`; the LM head is dropped).
 
 The parameter tree is {'encoder': <the pretrained encoder's tree>, 'head': {'kernel', 'bias'}}
-(retrieval has no head: its output is the pooled, L2-normalised representation).
+(retrieval has no head: its output is the pooled, L2-normalised representation). Sequence
+classification offers two heads (`head`): 'linear' (pooled -> classes) and 'eurobert'
+(pooled -> dense D -> exact GELU -> classes, EuroBertForSequenceClassification's head; its
+dense layer is 'head_dense'). Both export exactly to Hugging Face (docs/convert.md).
 Shapes: B batch, L length, D hidden, C classes.
 """
 
@@ -16,6 +19,7 @@ from mlm_vs_clm.finetune.tasks import IGNORE
 from mlm_vs_clm.model import MASK_MODES, Encoder, ModelConfig
 
 POOLINGS = ("mean", "first", "last")
+HEADS = ("linear", "eurobert")
 NEG_INF = -1e9
 
 
@@ -40,11 +44,22 @@ class FinetuneModel(nn.Module):
     num_outputs: int = 0
     pooling: str = "mean"
     mask_mode: str = "bidirectional"
+    head_type: str = "linear"  # sequence classification: see HEADS
 
     def setup(self):
         if self.mask_mode not in MASK_MODES:
             raise ValueError(f"attention must be one of {MASK_MODES}, got {self.mask_mode!r}")
+        if self.head_type not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {self.head_type!r}")
         self.encoder = Encoder(self.cfg)
+        if self.kind == "classification" and self.head_type == "eurobert":
+            self.head_dense = nn.Dense(
+                self.cfg.hidden_size,
+                dtype=jnp.float32,
+                param_dtype=jnp.float32,
+                kernel_init=nn.with_logical_partitioning(nn.initializers.normal(self.cfg.init_std), ("embed", None)),
+                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)),
+            )
         if self.kind != "retrieval":
             self.head = nn.Dense(
                 self.num_outputs,
@@ -65,7 +80,10 @@ class FinetuneModel(nn.Module):
             e_BxD = pool(h_BxLxD, segment_ids_BxL, self.pooling)
             return e_BxD / jnp.maximum(jnp.linalg.norm(e_BxD, axis=-1, keepdims=True), 1e-6)
         if self.kind == "classification":
-            return self.head(pool(h_BxLxD, segment_ids_BxL, self.pooling))
+            pooled_BxD = pool(h_BxLxD, segment_ids_BxL, self.pooling)
+            if self.head_type == "eurobert":  # torch.nn.GELU(): the exact (erf) form
+                pooled_BxD = jax.nn.gelu(self.head_dense(pooled_BxD), approximate=False)
+            return self.head(pooled_BxD)
         out_BxLxC = self.head(h_BxLxD.astype(jnp.float32))
         if self.kind == "qa":
             return out_BxLxC[..., 0], out_BxLxC[..., 1]

@@ -88,7 +88,7 @@ def _row_sharding(mesh, ndim):
 
 
 def build(model_cfg: ModelConfig, task: Task, ft, mesh) -> Setup:
-    model = heads.FinetuneModel(model_cfg, task.kind, task.num_outputs, ft.pooling, ft.attention)
+    model = heads.FinetuneModel(model_cfg, task.kind, task.num_outputs, ft.pooling, ft.attention, ft.get("head", "linear"))
     rules = sharding.rules(ft)
     o = ft.optimizer
     tx = optax.chain(
