@@ -17,11 +17,17 @@ transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
 from mlm_vs_clm.convert import ConversionError, hf_export, hf_import, hf_tokenizer  # noqa: E402
-from mlm_vs_clm.convert.__main__ import main as convert_main  # noqa: E402
+from mlm_vs_clm.convert import __main__ as convert_cli  # noqa: E402
 from mlm_vs_clm.model import LanguageModel, ModelConfig, init_params  # noqa: E402
 
 TOL = 1e-4
 WORDS = [f"w{i}" for i in range(80)]
+
+
+def convert_main(argv: list[str]) -> int:
+    """The convert command in this process: its flags parsed afresh, as a new process would."""
+    convert_cli.FLAGS.unparse_flags()
+    return convert_cli.main(convert_cli.FLAGS(["convert", *argv]))
 
 
 def _word_tokenizer(kind: str) -> "tokenizers.Tokenizer":

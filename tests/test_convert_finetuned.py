@@ -133,7 +133,7 @@ def test_sentence_transformers_mean_pooling_equals_ours(tmp_path):
 @pytest.mark.parametrize("kind,head", [("classification", "eurobert"), ("token_classification", "linear")])
 def test_cli_exports_a_finetuned_checkpoint(tmp_path, capsys, kind, head):
     from helpers import tiny_config
-    from mlm_vs_clm.convert.__main__ import main as convert_main
+    from tests.test_convert import convert_main
 
     config = tiny_config()
     cfg = ModelConfig.from_config(config.model)
