@@ -3,8 +3,9 @@
 SIZE is one of `tiny` (tests, seconds), `small` (benchmarks, minutes on a CPU), `210m`,
 `610m`, `1b` (PAPER.md dimensions). OBJECTIVE is an objective schedule: `clm`, `mlm20`,
 `mlm30`, `mlm40` (default), `mlm50`, or `clmXX_mlmYY` (CLM for the first XX % of the steps,
-then MLM with YY % masking; a plain `mlm` takes its ratio from `mlm.mask_ratio`, which also
-sets the validation masks of every run). Any key can be overridden: `--config.train.steps=100`.
+then MLM with YY % masking; a plain `mlm` takes its ratio from `mlm.mask_ratio`). Validation
+masks are fixed for every run (40 %, mask-token replacement: mlm_vs_clm/step.py), whatever its
+mlm.mask_ratio and mlm.replacement. Any key can be overridden: `--config.train.steps=100`.
 """
 
 import dataclasses
@@ -128,10 +129,9 @@ def _size_config(name: str) -> ml_collections.ConfigDict:
     )
 
     c.objective = "mlm40"
-    # mlm.mask_ratio is (a) the ratio of an objective written plainly 'mlm' (as in 'clm50_mlm')
-    # and (b) the mask ratio of val_mlm_loss for every run, whatever its objective. An objective
-    # that names its own ratio ('mlm40', the default, or 'clm25_mlm30') trains at that ratio and
-    # ignores this key: `--config.mlm.mask_ratio=0.3` alone changes only the validation masks.
+    # mlm.mask_ratio is the ratio of an objective written plainly 'mlm' (as in 'clm50_mlm'). An
+    # objective that names its own ratio ('mlm40', the default, or 'clm25_mlm30') trains at that
+    # ratio and ignores this key. val_mlm_loss never depends on it: its masks are fixed (step.py).
     c.mlm = ml_collections.ConfigDict(
         dict(
             mask_ratio=0.4,
@@ -189,6 +189,9 @@ def _size_config(name: str) -> ml_collections.ConfigDict:
             tokenizer="",  # path of a tokenizer; '' = train one on the source (cached)
             tokenizer_vocab_size=z.tokenizer_vocab or z.vocab,
             shuffle=True,
+            # The data order's seed; -1 = `seed`. Fix it (e.g. 0) to vary only the initialisation
+            # and the masks across seeds, as `make replicate` does for its pretraining seeds.
+            seed=-1,
             worker_count=0,
             # False: every process packs the global stream and keeps its rows (batches do not
             # depend on the process count); True: each process reads only its own documents.

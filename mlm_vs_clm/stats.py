@@ -125,7 +125,8 @@ def levene(a, b) -> Test:
     diff = sd(a) - sd(b)
     if len(a) < 3 or len(b) < 3:
         return _no_test("Levene", diff, len(a), len(b), "too few runs")
-    p = float(sps.levene(a, b).pvalue)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p = float(sps.levene(a, b).pvalue)
     return Test("Levene", diff, p if np.isfinite(p) else float("nan"), len(a), len(b),
                 "" if np.isfinite(p) else "no spread")
 
