@@ -2,8 +2,8 @@
 DIR/scores.png (score distributions per checkpoint).
 
 The table, per task and checkpoint: the best learning rate, the test score at that learning
-rate as mean +- sd over seeds (ddof 1, mlm_vs_clm/stats.py: "-" with one seed), and the spread across learning rates (min-max of the per-LR
-mean test scores, and the std over all runs), so stability is reported next to the best score.
+rate as mean +- sd over seeds (ddof 1, mlm_vs_clm/stats.py: "-" with one seed), and the
+spread across learning rates (min-max of the per-LR mean test scores, and the sd over all runs), so stability is reported next to the best score.
 
 The best learning rate: a run without a score (its loss went non-finite before any
 validation) counts against its rate, so rates are ranked first by their share of runs without
@@ -23,6 +23,8 @@ import os
 import numpy as np
 
 from mlm_vs_clm import stats
+
+fmt = stats.fmt
 
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
@@ -125,8 +127,8 @@ def markdown(runs: list) -> str:
         lines.append(
             f"| {row['task']} | {row['metric']} | {checkpoint_label(row['checkpoint'])} | "
             f"{'-' if row['best_lr'] is None else format(row['best_lr'], 'g')} | "
-            f"{stats.fmt(row['test_mean'])} ± {stats.fmt(row['test_std'])}{_coverage(row)} | {stats.fmt(row['validation_mean'])} | "
-            f"{stats.fmt(row['lr_min'])}–{stats.fmt(row['lr_max'])} | {stats.fmt(row['all_std'])} | {row['runs']} | {row['diverged']} |"
+            f"{fmt(row['test_mean'])} ± {fmt(row['test_std'])}{_coverage(row)} | {fmt(row['validation_mean'])} | "
+            f"{fmt(row['lr_min'])}–{fmt(row['lr_max'])} | {fmt(row['all_std'])} | {row['runs']} | {row['diverged']} |"
         )
     return "\n".join(lines) + "\n"
 
