@@ -3,8 +3,9 @@
 SIZE is one of `tiny` (tests, seconds), `small` (benchmarks, minutes on a CPU), `210m`,
 `610m`, `1b` (PAPER.md dimensions). OBJECTIVE is an objective schedule: `clm`, `mlm20`,
 `mlm30`, `mlm40` (default), `mlm50`, or `clmXX_mlmYY` (CLM for the first XX % of the steps,
-then MLM with YY % masking; a plain `mlm` takes its ratio from `mlm.mask_ratio`, which also
-sets the validation masks of every run). Any key can be overridden: `--config.train.steps=100`.
+then MLM with YY % masking; a plain `mlm` takes its ratio from `mlm.mask_ratio`). Validation
+masks are fixed for every run (40 %, mask-token replacement: mlm_vs_clm/step.py), whatever its
+mlm.mask_ratio and mlm.replacement. Any key can be overridden: `--config.train.steps=100`.
 """
 
 import dataclasses
@@ -41,9 +42,22 @@ class Size:
     mesh_fsdp: int = 1
 
 
-# The study's sizes (PAPER.md): bf16 compute, rematerialised blocks, FSDP over every device.
+def embedding_rows(tokenizer_vocab: int, multiple: int = 128) -> int:
+    """Embedding rows for a tokenizer: its size rounded up to a multiple of 128, so that no row
+    is left that no token id can reach (every row trains)."""
+    return -(-tokenizer_vocab // multiple) * multiple
+
+
+# The study's sizes (PAPER.md dimensions). The vocabulary is the project's 32,000-piece
+# sentencepiece tokenizer, so the embedding has embedding_rows(32000) = 32,000 rows: every row
+# trains. PAPER.md's 128,256 rows belong to the Llama-3 tokenizer; keep them only with that
+# tokenizer (or another of that size): `--config.data.tokenizer=DIR --config.model.vocab_size=128256`.
+# Project choices, not PAPER.md's: the peak learning rate 3e-4 (PAPER.md: unknown), bf16 compute,
+# rematerialised blocks, FSDP over every device.
+_PAPER_TOKENIZER = 32000
 _PAPER_RUN = dict(
-    seq_len=2048, batch=2304, steps=42000, tokenizer_vocab=32000, dtype="bfloat16", remat_policy="dots_no_batch",
+    seq_len=2048, batch=2304, steps=42000, tokenizer_vocab=_PAPER_TOKENIZER, dtype="bfloat16",
+    remat_policy="dots_no_batch",
     loss_chunk_size=128, learning_rate=3e-4, warmup_fraction=0.01, log_every=50, eval_every=1000,
     checkpoint_every=1000, mesh_data=1, mesh_fsdp=-1,
 )
@@ -54,9 +68,12 @@ SIZES = {
     # layer by layer) slow the step (docs/performance.md).
     "small": Size(layers=6, hidden=256, heads=4, kv_heads=4, ffn=1024, vocab=32000, seq_len=128, batch=32,
                   steps=2000, scan_layers=False),
-    "210m": Size(layers=12, hidden=768, heads=12, kv_heads=12, ffn=3072, vocab=128256, **_PAPER_RUN),
-    "610m": Size(layers=26, hidden=1152, heads=18, kv_heads=6, ffn=4096, vocab=128256, **_PAPER_RUN),
-    "1b": Size(layers=28, hidden=1728, heads=18, kv_heads=6, ffn=5120, vocab=128256, **_PAPER_RUN),
+    "210m": Size(layers=12, hidden=768, heads=12, kv_heads=12, ffn=3072, vocab=embedding_rows(_PAPER_TOKENIZER),
+                 **_PAPER_RUN),
+    "610m": Size(layers=26, hidden=1152, heads=18, kv_heads=6, ffn=4096, vocab=embedding_rows(_PAPER_TOKENIZER),
+                 **_PAPER_RUN),
+    "1b": Size(layers=28, hidden=1728, heads=18, kv_heads=6, ffn=5120, vocab=embedding_rows(_PAPER_TOKENIZER),
+               **_PAPER_RUN),
 }
 
 # Logical axis name -> mesh axes. Parameters are sharded over `fsdp` (and `tensor` for the
@@ -128,10 +145,9 @@ def _size_config(name: str) -> ml_collections.ConfigDict:
     )
 
     c.objective = "mlm40"
-    # mlm.mask_ratio is (a) the ratio of an objective written plainly 'mlm' (as in 'clm50_mlm')
-    # and (b) the mask ratio of val_mlm_loss for every run, whatever its objective. An objective
-    # that names its own ratio ('mlm40', the default, or 'clm25_mlm30') trains at that ratio and
-    # ignores this key: `--config.mlm.mask_ratio=0.3` alone changes only the validation masks.
+    # mlm.mask_ratio is the ratio of an objective written plainly 'mlm' (as in 'clm50_mlm'). An
+    # objective that names its own ratio ('mlm40', the default, or 'clm25_mlm30') trains at that
+    # ratio and ignores this key. val_mlm_loss never depends on it: its masks are fixed (step.py).
     c.mlm = ml_collections.ConfigDict(
         dict(
             mask_ratio=0.4,
@@ -189,6 +205,9 @@ def _size_config(name: str) -> ml_collections.ConfigDict:
             tokenizer="",  # path of a tokenizer; '' = train one on the source (cached)
             tokenizer_vocab_size=z.tokenizer_vocab or z.vocab,
             shuffle=True,
+            # The data order's seed; -1 = `seed`. Fix it (e.g. 0) to vary only the initialisation
+            # and the masks across seeds, as `make replicate` does for its pretraining seeds.
+            seed=-1,
             worker_count=0,
             # False: every process packs the global stream and keeps its rows (batches do not
             # depend on the process count); True: each process reads only its own documents.

@@ -21,6 +21,11 @@ from mlm_vs_clm.train_state import Setup, TrainState
 
 MASK_STREAM = 1  # fold_in constant that separates MLM mask draws from other randomness
 EVAL_MASK_SEED = 20250701  # validation masks: the same for every run
+# The validation mask policy, fixed for every run whatever its training config (mlm.mask_ratio,
+# mlm.replacement), so that runs are scored on the same inputs: 40 % of the tokens selected,
+# every selected token replaced by the mask token (the study's trainer's default policy).
+VALIDATION_MASK_RATIO = 0.4
+VALIDATION_REPLACEMENT = "mask"
 
 
 def mask_rng(seed: int, step):
@@ -117,9 +122,14 @@ def _advance_schedules(opt_state):
 
 def eval_step(setup: Setup, objective: Objective, params, batch, step_for_masks) -> objectives.LossSums:
     """Loss sums of `objective` on `batch`. Validation masks come from a fixed stream that does
-    not depend on the run's seed, so every run is scored on the same masked tokens."""
+    not depend on the run's seed, and with the fixed policy VALIDATION_REPLACEMENT (not the run's
+    mlm.replacement), so every run is scored on the same masked inputs."""
     rng = jax.random.fold_in(jax.random.PRNGKey(EVAL_MASK_SEED), step_for_masks)
-    masking = objectives.objective_masking(objective, batch, rng, setup.config)
+    masking = None
+    if objective.kind == "mlm":
+        cfg = setup.config
+        masking = objectives.draw_mask(rng, batch, objective.mask_ratio, cfg.tokens, cfg.model.vocab_size,
+                                       VALIDATION_REPLACEMENT)
     return _loss_sums(setup, objective, params, batch, masking)
 
 

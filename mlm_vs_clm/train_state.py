@@ -30,7 +30,7 @@ class TrainState(struct.PyTreeNode):
 
 
 def _decay_mask(params):
-    """Weight decay on matrices only: never on norm scales (PAPER.md)."""
+    """Weight decay on matrices only: never on norm scales (a project choice; PAPER.md says nothing of it)."""
     return jax.tree_util.tree_map_with_path(lambda path, _: "norm" not in jax.tree_util.keystr(path), params)
 
 

@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -76,11 +77,14 @@ def test_summary_hand_computed():
     ]
     (row,) = report.summarize(runs)
     assert row["best_lr"] == 1e-4
-    assert row["test_mean"] == pytest.approx(72.0) and row["test_std"] == pytest.approx(2.0)
+    # sd with ddof 1, the one convention of mlm_vs_clm/stats.py
+    assert row["test_mean"] == pytest.approx(72.0) and row["test_std"] == pytest.approx(np.sqrt(8.0))
     assert (row["lr_min"], row["lr_max"]) == (55.0, 72.0)
-    assert row["all_std"] == pytest.approx(np.std([70, 74, 50, 60]))
+    assert row["all_std"] == pytest.approx(np.std([70, 74, 50, 60], ddof=1))
     assert row["diverged"] == 1 and row["runs"] == 4
-    assert "| t | accuracy | c | 0.0001 | 72.00 ± 2.00 | 81.00 | 55.00–72.00 |" in report.markdown(runs)
+    assert "| t | accuracy | c | 0.0001 | 72.00 ± 2.83 | 81.00 | 55.00–72.00 |" in report.markdown(runs)
+    (one,) = report.summarize(runs[:1])
+    assert np.isnan(one["test_std"]) and "70.00 ± - |" in report.markdown(runs[:1])  # one seed: no spread
 
 
 def test_rerun_compares_the_result_affecting_settings(tmp_path):
@@ -108,13 +112,13 @@ def test_best_lr_counts_runs_without_a_score():
     runs += [_run("t", 1e-4, s, 80 + s, 70 + s) for s in range(5)]
     (row,) = report.summarize(runs)
     assert row["best_lr"] == 1e-4 and row["test_mean"] == pytest.approx(72.0)
-    assert "| 0.0001 | 72.00 ± 1.41 | 82.00 |" in report.markdown(runs)
+    assert "| 0.0001 | 72.00 ± 1.58 | 82.00 |" in report.markdown(runs)  # sd ddof 1
     # Every rate has a failed seed: fewer failures wins, and the cell says how many seeds it covers.
     runs = [_run("t", 1e-3, 0, 95, 90), _run("t", 1e-3, 1, None, None, True), _run("t", 1e-3, 2, None, None, True)]
     runs += [_run("t", 1e-4, 0, 70, 60), _run("t", 1e-4, 1, 74, 64), _run("t", 1e-4, 2, None, None, True)]
     (row,) = report.summarize(runs)
     assert row["best_lr"] == 1e-4 and (row["best_lr_scored"], row["best_lr_runs"]) == (2, 3)
-    assert "| 0.0001 | 62.00 ± 2.00 (2 of 3 seeds) | 72.00 |" in report.markdown(runs)
+    assert "| 0.0001 | 62.00 ± 2.83 (2 of 3 seeds) | 72.00 |" in report.markdown(runs)
 
 
 def test_full_suites_score_whole_splits():
@@ -221,3 +225,18 @@ def test_checkpoint_paths_from_flags():
 
     assert paths("a", ("b,c",)) == ["a", "b", "c"]  # `--config.checkpoints=b,c` arrives as ('b,c',)
     assert paths("", ("(a, b)",)) == ["a", "b"] and paths("a", ("a",)) == ["a"] and paths("", ()) == []
+
+
+def test_causal_attention_with_first_token_pooling_is_refused():
+    ft = load_config("configs/finetune.py:news_quick", {"attention": "causal", "pooling": "first"})
+    with pytest.raises(ConfigError, match="pooling='first' with attention='causal'.*use pooling=mean or pooling=last"):
+        grid.validate(ft)
+    grid.validate(load_config("configs/finetune.py:news_quick", {"attention": "causal", "pooling": "last"}))
+
+
+def test_small_token_classification_splits_get_a_floor_of_steps():
+    task = types.SimpleNamespace(kind="token_classification")
+    features = {"train": {"arrays": {"tokens": np.zeros((732, 4))}}}  # news truecase: 23 steps of 32
+    news, paper = load_config("configs/finetune.py:news"), load_config("configs/finetune.py:paper")
+    assert runner.run_budget(task, features, news) == (300, 20)
+    assert runner.run_budget(task, features, paper) == (23, 20)  # the paper's one epoch, unchanged

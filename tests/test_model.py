@@ -85,10 +85,16 @@ def test_every_parameter_has_logical_axes():
 
 @pytest.mark.parametrize("preset,expected", [("210m", 211.8e6), ("610m", 607.8e6), ("1b", 1188e6)])
 def test_paper_parameter_counts(preset, expected):
-    cfg = ModelConfig.from_config(load_config(f"configs/pretrain.py:{preset}").model)
-    assert cfg.vocab_size == 128256
+    # PAPER.md's counts hold with the Llama-3 vocabulary (128,256 rows) ...
+    cfg = ModelConfig.from_config(load_config(f"configs/pretrain.py:{preset}", {"model.vocab_size": 128256}).model)
     abstract = jax.eval_shape(lambda r: init_params(cfg, r), jax.random.PRNGKey(0))
     assert abs(count_params(abstract) - expected) / expected < 0.01
+    # ... the presets size the embedding to their 32,000-piece tokenizer: every row trains
+    config = load_config(f"configs/pretrain.py:{preset}")
+    assert config.model.vocab_size == 32000 == config.data.tokenizer_vocab_size
+    trained = ModelConfig.from_config(config.model)
+    abstract = jax.eval_shape(lambda r: init_params(trained, r), jax.random.PRNGKey(0))
+    assert count_params(abstract) == pytest.approx(expected - (128256 - 32000) * cfg.hidden_size, rel=0.01)
 
 
 def test_1b_blocks_alone():

@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 import pytest
+from scipy import stats
 
 from mlm_vs_clm.sweep import analysis as sweep_analysis
 from mlm_vs_clm.sweep import scaling_law
@@ -123,7 +124,12 @@ FT = {("s", 100): {"mlm40": 70, "clm": 65, "clm50_mlm40": 75}, ("s", 300): {"mlm
       ("m", 100): {"mlm40": 74, "clm": 68, "clm50_mlm40": 79}, ("m", 300): {"mlm40": 80, "clm": 73, "clm50_mlm40": 84}}
 
 
-def _write_sweep(d, with_ft=True, seeds=(0, 1), failed=True, sizes=SIZES, steps_tokens=STEPS):
+# Per-seed offsets of each schedule's fine-tuning score (mean 0, sd 1 over the three seeds), so that
+# the paired differences between schedules vary from seed to seed.
+OFFSETS = {"mlm40": (1.0, 0.0, -1.0), "clm": (0.0, 1.0, -1.0), "clm50_mlm40": (-1.0, 0.0, 1.0)}
+
+
+def _write_sweep(d, with_ft=True, seeds=(0, 1, 2), failed=True, sizes=SIZES, steps_tokens=STEPS):
     cols = list(sweep_analysis.REQUIRED) + ["wall_s", "branch_from"] + (["ft_topic", "ft_mean"] if with_ft else [])
     rows, ft_rows = [], []
     for size, N in sizes.items():
@@ -132,7 +138,6 @@ def _write_sweep(d, with_ft=True, seeds=(0, 1), failed=True, sizes=SIZES, steps_
                 for seed in seeds:
                     run = f"{size}-{steps}-{sched}-s{seed}"
                     loss = _law(N, D) * (1.0 + 0.02 * frac)
-                    sign = 1 if seed % 2 == 0 else -1
                     spread = 0.5 if (size, steps) == ("s", 300) and sched != "clm" else 0.1
                     row = dict(run=run, size=size, schedule=sched, clm_fraction=frac, mask_ratio=mask, seed=seed,
                                params=int(N), steps=steps, tokens=int(D), flops=6.5 * N * D, wall_s=1.0,
@@ -140,7 +145,7 @@ def _write_sweep(d, with_ft=True, seeds=(0, 1), failed=True, sizes=SIZES, steps_
                                branch_from=f"{size}-{steps}-clm-s{seed}" if 0 < frac < 1 else "",
                                saved_flops=frac * 6.5 * N * D if 0 < frac < 1 else 0.0)
                     if with_ft:
-                        ft = FT[(size, steps)][sched] + sign * spread / np.sqrt(2)  # two seeds: sd (ddof 1) = spread
+                        ft = FT[(size, steps)][sched] + spread * OFFSETS[sched][seed]  # sd (ddof 1) = spread
                         row.update(ft_topic=ft, ft_mean=ft)
                         for lr in (1e-4, 3e-4):
                             ft_rows.append(dict(run=run, task="topic", lr=lr, seed=seed, test=ft - 1e4 * lr,
@@ -174,21 +179,29 @@ def test_analyze_writes_everything_and_names_the_winners(tmp_path, capsys):
         ranked = sorted(scores, key=scores.get, reverse=True)
         assert (wins[budget]["winner"], wins[budget]["runner_up"]) == tuple(ranked[:2]), budget
         assert wins[budget]["margin"] == pytest.approx(scores[ranked[0]] - scores[ranked[1]])
-    assert wins[("s", 300)]["spread"] == pytest.approx(np.hypot(0.5, 0.5)) and not wins[("s", 300)]["exceeds_spread"]
-    assert all(wins[b]["exceeds_spread"] for b in [("s", 100), ("m", 100), ("m", 300)])
+    assert wins[("s", 300)]["sd"] == pytest.approx(0.5) and wins[("s", 300)]["test"] == "paired t"
+    d = 0.3 + 0.5 * (np.asarray(OFFSETS["mlm40"]) - OFFSETS["clm50_mlm40"])  # paired by seed
+    assert wins[("s", 300)]["p"] == pytest.approx(stats.ttest_1samp(d, 0.0).pvalue)
+    assert wins[("s", 300)]["verdict"] == "cannot tell"
+    assert all(wins[b]["verdict"] == "ahead" and wins[b]["p_holm"] < 0.05 for b in [("s", 100), ("m", 100), ("m", 300)])
+    ps = [wins[b]["p"] for b in wins]
+    assert sorted(w["p_holm"] for w in wins.values()) == pytest.approx(sorted(sweep_analysis.stats.holm(ps)))
+    assert all(w["flops_ratio"] == pytest.approx(1.0) for w in wins.values())  # the synthetic rows share FLOPs
     # 2 sizes x 2 token counts cannot determine the law: each schedule says why instead of fitting
     fits = json.loads((tmp_path / "fits.json").read_text())["fits"]
     assert set(fits) == set(SCHEDULES) and all(f["fit"] is None and "2 distinct model sizes" in f["reason"]
                                                for f in fits.values())
     summary = (tmp_path / "summary.md").read_text()
-    assert "s, 300 steps: mlm40 (ft_mean 76.3) over clm50_mlm40 (76), margin 0.3, within the seed spread 0.707" in summary
-    assert "s, 100 steps: clm50_mlm40" in summary and "exceeds the seed spread" in summary
+    assert "s, 300 steps: mlm40 (ft_mean 76.3) over clm50_mlm40 (76), margin 0.3, paired t p = " in summary
+    assert "cannot tell at alpha 0.05; FLOP ratio 1 (winner / runner-up, equal steps)" in summary
+    assert "s, 100 steps: clm50_mlm40" in summary and "ahead at alpha 0.05" in summary
     assert "- s-100-mlm20-s0: status 'missing'" in summary and summary.count("| s-100-mlm40-s0 |") == 1
-    assert "no fit: 8 points at 4 distinct (N, D) pairs, 2 distinct model sizes" in summary
-    saved = sum(0.5 * 6.5 * N * D * 2 for N in SIZES.values() for D in STEPS.values())
+    assert "no fit: 12 points at 4 distinct (N, D) pairs, 2 distinct model sizes" in summary
+    saved = sum(0.5 * 6.5 * N * D * 3 for N in SIZES.values() for D in STEPS.values())
     assert f"saved {saved:.3g} of" in summary
     ties = [dict(out["winners"][0], margin=0.0)]
-    assert sweep_analysis._winner_line(ties[0], "ft_mean") == "s, 100 steps: tie between clm50_mlm40 and mlm40 (ft_mean 75)"
+    assert sweep_analysis._winner_line(ties[0], "ft_mean") == (
+        "s, 100 steps: tie between clm50_mlm40 and mlm40 (ft_mean 75; FLOP ratio 1)")
     printed = capsys.readouterr().out
     assert "summary.md" in printed and "m, 300 steps: clm50_mlm40" in printed
 
@@ -198,7 +211,11 @@ def test_analyze_fits_a_schedule_with_enough_points_and_uses_loss_without_finetu
                  steps_tokens={100: 1e6, 300: 3e6, 900: 9e6})
     out = sweep_analysis.analyze(str(tmp_path))
     assert out["metric"] == "val_mlm_loss" and not out["higher_is_better"]
-    assert all(w["winner"] == "mlm40" and w["exceeds_spread"] is None for w in out["winners"])  # lowest loss
+    # lowest loss; one seed: no test; pure CLM is not ranked on a loss it never trained on
+    assert all(w["winner"] == "mlm40" and w["runner_up"] == "clm50_mlm40" and w["p"] is None
+               and w["verdict"].startswith("cannot tell") for w in out["winners"])
+    assert out["fits"]["clm"]["loss"] == "val_clm_loss" and out["fits"]["mlm40"]["loss"] == "val_mlm_loss"
+    assert out["fits"]["mlm40"]["fit"]["dof"] == 4 and out["fits"]["mlm40"]["fit"]["warning"]  # 9 points, 5 parameters
     fit = out["fits"]["mlm40"]["fit"]
     assert fit is not None and fit["n_points"] == 9 and fit["rmse"] < 1e-3
     assert fit["alpha"] == pytest.approx(TRUE["alpha"], abs=0.01) and fit["beta"] == pytest.approx(TRUE["beta"], abs=0.01)
@@ -206,7 +223,8 @@ def test_analyze_fits_a_schedule_with_enough_points_and_uses_loss_without_finetu
     assert not (tmp_path / "score_vs_compute.png").exists() and not (tmp_path / "finetune_spread.png").exists()
     assert (tmp_path / "loss_vs_compute.png").exists() and (tmp_path / "score_vs_clm_fraction.png").exists()
     summary = (tmp_path / "summary.md").read_text()
-    assert "one seed: spread unknown" in summary and "lower is better" in summary
+    assert "cannot tell (one value per side: no spread to test against)" in summary and "lower is better" in summary
+    assert "4 **low dof**" in summary
     assert "score_vs_compute.png skipped" in summary and "### Compute-optimal frontier (C = 6 N D)" in summary
     fr = out["fits"]["mlm40"]["frontier"]
     assert len(fr["N_opt_ci95"]) == len(fr["C"]) and any(fr["extrapolated"]) and not all(fr["extrapolated"])
@@ -226,3 +244,18 @@ def test_malformed_results_give_one_line_naming_file_and_column(tmp_path, edit, 
     with pytest.raises(ValueError) as e:
         sweep_analysis.analyze(str(tmp_path))
     assert message in str(e.value) and str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_small_grid_fit_warns_and_offers_e_fixed_and_the_exponent_ratio():
+    rng = np.random.default_rng(3)
+    N, D = np.meshgrid([2e6, 8e6, 3e7], [1e6, 3e6, 9e6])
+    N, D = N.ravel(), D.ravel()
+    L = _law(N, D) * np.exp(rng.normal(0, 0.002, N.shape))
+    free = scaling_law.fit_law(N, D, L)
+    assert free.dof == 4 and "4 residual degrees of freedom" in free.warning
+    fixed = scaling_law.fit_law(N, D, L, fixed_E=TRUE["E"])
+    assert fixed.dof == 5 and not fixed.warning and fixed.E == TRUE["E"] and fixed.ci95["E"] == (TRUE["E"], TRUE["E"])
+    a, (lo, hi) = scaling_law.exponent_ratio(fixed)
+    assert lo < TRUE["beta"] / (TRUE["alpha"] + TRUE["beta"]) < hi and lo < a < hi
+    with pytest.raises(ValueError, match="fixed_E must be positive and below the smallest loss"):
+        scaling_law.fit_law(N, D, L, fixed_E=10.0)

@@ -209,7 +209,8 @@ def train_iterator(config, tokenizer: Tokenizer, process_index: int = 0, process
     """
     docs = documents(config, "train")
     local = local_batch_size(config, process_count)
-    seed = config.seed if config.data.shuffle else None
+    data_seed = config.data.get("seed", -1)  # -1: the run's seed (the data order changes with it)
+    seed = (config.seed if data_seed < 0 else data_seed) if config.data.shuffle else None
     if config.data.get("shard_by_process", False):
         ds = packed_batches(
             docs, tokenizer, config.train.seq_len, local, seed=seed,

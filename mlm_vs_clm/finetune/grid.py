@@ -70,7 +70,8 @@ def validate(ft) -> None:
     for key in ("batch_size", "eval_batch_size", "steps", "eval_every", "max_len", "query_max_len", "max_answer_tokens"):
         if int(ft[key]) <= 0:
             raise ConfigError(f"config: {key} must be positive, got {ft[key]}")
-    for key in ("token_classification_epochs", "max_eval_examples", "max_train_examples", "chance_margin"):
+    for key in ("token_classification_epochs", "token_classification_min_steps", "max_eval_examples",
+                "max_train_examples", "chance_margin"):
         if ft[key] < 0:
             raise ConfigError(f"config: {key} must be >= 0, got {ft[key]}")
     if ft.attention not in MASK_MODES:
@@ -79,6 +80,9 @@ def validate(ft) -> None:
         raise ConfigError(f"config: pooling must be one of {heads.POOLINGS}, got {ft.pooling!r}")
     if ft.get("head", "linear") not in heads.HEADS:
         raise ConfigError(f"config: head must be one of {heads.HEADS}, got {ft.head!r}")
+    if ft.attention == "causal" and ft.pooling == "first":
+        raise ConfigError("config: pooling='first' with attention='causal' pools a token that sees only itself (the "
+                          "same vector for every input): use pooling=mean or pooling=last")
     if not 0.0 <= ft.warmup_fraction < 1.0:
         raise ConfigError(f"config: warmup_fraction must be in [0, 1), got {ft.warmup_fraction}")
     if ft.retrieval_temperature <= 0:

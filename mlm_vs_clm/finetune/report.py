@@ -2,8 +2,8 @@
 DIR/scores.png (score distributions per checkpoint).
 
 The table, per task and checkpoint: the best learning rate, the test score at that learning
-rate as mean +- std over seeds, and the spread across learning rates (min-max of the per-LR
-mean test scores, and the std over all runs), so stability is reported next to the best score.
+rate as mean +- sd over seeds (ddof 1, mlm_vs_clm/stats.py: "-" with one seed), and the
+spread across learning rates (min-max of the per-LR mean test scores, and the sd over all runs), so stability is reported next to the best score.
 
 The best learning rate: a run without a score (its loss went non-finite before any
 validation) counts against its rate, so rates are ranked first by their share of runs without
@@ -21,6 +21,10 @@ import json
 import os
 
 import numpy as np
+
+from mlm_vs_clm import stats
+
+fmt = stats.fmt
 
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
@@ -64,10 +68,6 @@ def save_runs(workdir: str, runs: list, config_json: dict | None = None) -> None
     os.replace(tmp, path)
 
 
-def _fmt(x, digits=2):
-    return "-" if x is None or not np.isfinite(x) else f"{x:.{digits}f}"
-
-
 def summarize(runs: list) -> list:
     """One row per (task, checkpoint) in first-seen order; see the module docstring."""
     groups = collections.OrderedDict()
@@ -103,13 +103,13 @@ def summarize(runs: list) -> list:
                 "metric": group[0].get("metric", ""),
                 "best_lr": best_lr,
                 "test_mean": float(np.mean(best_tests)) if best_tests else float("nan"),
-                "test_std": float(np.std(best_tests)) if best_tests else float("nan"),
+                "test_std": stats.sd(best_tests),
                 "validation_mean": mean_of(by_lr[best_lr], "best_validation") if best_lr is not None else float("nan"),
                 "best_lr_runs": len(by_lr.get(best_lr, [])),  # seeds run at the best rate
                 "best_lr_scored": len(best_tests),  # of which with a test score
                 "lr_min": min(lr_tests) if lr_tests else float("nan"),
                 "lr_max": max(lr_tests) if lr_tests else float("nan"),
-                "all_std": float(np.std(all_tests)) if all_tests else float("nan"),
+                "all_std": stats.sd(all_tests),
                 "runs": len(group),
                 "diverged": sum(bool(r["diverged"]) for r in group),
             }
@@ -127,8 +127,8 @@ def markdown(runs: list) -> str:
         lines.append(
             f"| {row['task']} | {row['metric']} | {checkpoint_label(row['checkpoint'])} | "
             f"{'-' if row['best_lr'] is None else format(row['best_lr'], 'g')} | "
-            f"{_fmt(row['test_mean'])} ± {_fmt(row['test_std'])}{_coverage(row)} | {_fmt(row['validation_mean'])} | "
-            f"{_fmt(row['lr_min'])}–{_fmt(row['lr_max'])} | {_fmt(row['all_std'])} | {row['runs']} | {row['diverged']} |"
+            f"{fmt(row['test_mean'])} ± {fmt(row['test_std'])}{_coverage(row)} | {fmt(row['validation_mean'])} | "
+            f"{fmt(row['lr_min'])}–{fmt(row['lr_max'])} | {fmt(row['all_std'])} | {row['runs']} | {row['diverged']} |"
         )
     return "\n".join(lines) + "\n"
 

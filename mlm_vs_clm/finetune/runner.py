@@ -206,10 +206,12 @@ def chance_score(task: Task, features: dict) -> float:
 
 
 def run_budget(task: Task, features: dict, ft) -> tuple[int, int]:
-    """(steps, validate every): a fixed step budget, or whole epochs for token classification."""
+    """(steps, validate every): a fixed step budget, or whole epochs for token classification
+    (at least `token_classification_min_steps`: a small split's epoch is too short for a head)."""
     if task.kind == "token_classification" and ft.token_classification_epochs > 0:
         n = len(features["train"]["arrays"]["tokens"])
-        steps = max(1, math.ceil(n * ft.token_classification_epochs / ft.batch_size))
+        steps = max(1, math.ceil(n * ft.token_classification_epochs / ft.batch_size),
+                    int(ft.get("token_classification_min_steps", 0)))
         return steps, max(1, min(ft.token_classification_eval_every, steps))
     return ft.steps, max(1, min(ft.eval_every, ft.steps))
 

@@ -8,15 +8,20 @@ The defaults of --workdir and --report_dir follow the scale: `replication_runs` 
 full one's nor overwrites replication/REPORT.md unless --report_dir says so.
 
 One size (the `tiny` preset), one budget (`--scale=full`: 1,500 steps of 16 x 128 tokens),
-on the demo corpus (BBC News), every run seeing the same token stream:
+on the demo corpus (BBC News), every run seeing the same token stream. Every schedule is
+pretrained with 3 pretraining seeds (`pretrain_seeds`: the data order is fixed by
+`data.seed=0`; the initialisation and the MLM masks change with the seed), and a biphasic run
+branches from the CLM run of its own seed. Comparisons are paired by pretraining seed:
 1. pure MLM-40, pure CLM, and CLM-then-MLM-40 at 25 / 50 / 75 % CLM (equal steps and tokens;
    the biphasic runs branch from the CLM run's checkpoint at the switch: sweep.py);
 2. data efficiency: the MLM and CLM runs' checkpoints at 25 / 50 / 75 % of the steps;
 3. fine-tuning stability: every final checkpoint on a learning-rate x seed grid;
 4. continued pretraining: MLM-40 for `cpt_steps` more steps from the CLM run and from the
    MLM run (fresh optimizer, the same extra compute).
-Every checkpoint is fine-tuned on the `news` suite (4 tasks) with 3 seeds; the report
-(replication_report.py) writes REPORT.md with tables, plots and a verdict per finding.
+Every checkpoint is fine-tuned on the `news` suite (4 tasks) with `seeds` fine-tuning seeds
+(one per pretraining run at both scales: the variation that is tested is the pretraining
+seed's); the report (report.py) writes REPORT.md with tables, plots, and per finding the test,
+its p-value (Holm-corrected over the findings at alpha 0.05), the verdict and the FLOP ratio.
 Every stage resumes: rerunning skips what is done. Stage commands go to the run logs. A
 continued-pretraining run records its source checkpoint and steps in its done.json; a workdir
 whose run was made from another source or for other steps stops the command with one line
@@ -35,14 +40,17 @@ SCHEDULES = ("mlm40", "clm", "clm25_mlm40", "clm50_mlm40", "clm75_mlm40")
 KEEP_FRACTIONS = (0.25, 0.5, 0.75)
 NEWS_TASKS = ("topic", "retrieval", "cloze_qa", "truecase")
 
+PRETRAIN_SEEDS = (0, 1, 2)
+DATA_SEED = 0  # the one data order of every pretraining run
+
 SCALES = {
     "full": dict(steps=1500, cpt_steps=500, overrides=("train.eval_every=250", "train.checkpoint_every=250"),
-                 learning_rates=(3e-4, 1e-3, 3e-3), seeds=(0, 1, 2), tasks=NEWS_TASKS,
+                 pretrain_seeds=PRETRAIN_SEEDS, learning_rates=(3e-4, 1e-3, 3e-3), seeds=(0,), tasks=NEWS_TASKS,
                  ft_overrides=("steps=100", "eval_every=25")),
     "smoke": dict(steps=20, cpt_steps=8,
                   overrides=("train.batch_size=8", "train.seq_len=64", "train.eval_every=10",
                              "train.checkpoint_every=10", "train.eval_batches=2"),
-                  learning_rates=(1e-3, 3e-3), seeds=(0, 1, 2), tasks=("topic",),
+                  pretrain_seeds=PRETRAIN_SEEDS, learning_rates=(1e-3, 3e-3), seeds=(0,), tasks=("topic",),
                   ft_overrides=("steps=6", "eval_every=3", "max_eval_examples=48")),
 }
 
@@ -54,10 +62,10 @@ def pretrain_sweep(scale: dict) -> ml_collections.ConfigDict:
     c.sizes = ("tiny",)
     c.steps = (scale["steps"],)
     c.schedules = SCHEDULES
-    c.seeds = (0,)
+    c.seeds = tuple(scale["pretrain_seeds"])
     c.keep_fractions = KEEP_FRACTIONS
     c.branch = "resume"
-    c.overrides = scale["overrides"]
+    c.overrides = tuple(scale["overrides"]) + (f"data.seed={DATA_SEED}",)
     c.finetune = ml_collections.ConfigDict(dict(config="", overrides=()))
     return c
 
@@ -67,6 +75,7 @@ def stage(title: str) -> None:
 
 
 def run_pretraining(workdir: str, scale: dict) -> dict:
+    """(schedule, pretraining seed) -> run folder."""
     from mlm_vs_clm.sweep import runner as sweep
 
     sweep_dir = os.path.join(workdir, "pretrain")
@@ -75,20 +84,22 @@ def run_pretraining(workdir: str, scale: dict) -> dict:
     if failed:
         raise RuntimeError(f"pretraining runs failed: {', '.join(failed)} (logs under {sweep_dir}/runs)")
     sweep.collect(sweep_dir)
-    return {r["schedule"]: sweep.run_dir(sweep_dir, r["id"]) for r in runs}
+    return {(r["schedule"], r["seed"]): sweep.run_dir(sweep_dir, r["id"]) for r in runs if r.get("in_grid", True)}
 
 
 def run_cpt(workdir: str, scale: dict, sources: dict) -> dict:
-    """MLM-40 continued pretraining from the CLM and the MLM runs' final checkpoints."""
+    """MLM-40 continued pretraining from the CLM and the MLM runs' final checkpoints, one per
+    pretraining seed: (name, seed) -> run folder, for `sources` (name, seed) -> run folder."""
     from mlm_vs_clm.checkpoint import resolve_step_dir
     from mlm_vs_clm.sweep import runner as sweep
 
     out = {}
-    for name in ("clm", "mlm40"):
-        rdir = os.path.join(workdir, "cpt", f"from_{name}")
-        out[name] = rdir
+    for key in sorted(k for k in sources if k[0] in ("clm", "mlm40")):
+        name, seed = key
+        rdir = os.path.join(workdir, "cpt", f"from_{name}_s{seed}")
+        out[key] = rdir
         done = os.path.join(rdir, "done.json")
-        made_from = {"source": resolve_step_dir(sources[name]), "steps": scale["cpt_steps"]}
+        made_from = {"source": resolve_step_dir(sources[key]), "steps": scale["cpt_steps"]}
         if os.path.isfile(done):
             with open(done) as f:
                 recorded = json.load(f)
@@ -100,11 +111,11 @@ def run_cpt(workdir: str, scale: dict, sources: dict) -> dict:
             continue
         os.makedirs(rdir, exist_ok=True)
         args = ["mlm_vs_clm.train", "--config=configs/pretrain.py:tiny,mlm40", f"--workdir={rdir}",
-                f"--config.init_from={sources[name]}", f"--config.train.steps={scale['cpt_steps']}",
-                "--config.train.progress=False"]
-        args += [f"--config.{kv}" for kv in scale["overrides"]]
+                f"--config.init_from={sources[key]}", f"--config.train.steps={scale['cpt_steps']}",
+                f"--config.seed={seed}", "--config.train.progress=False"]
+        args += [f"--config.{kv}" for kv in scale["overrides"]] + [f"--config.data.seed={DATA_SEED}"]
         start = time.time()
-        print(f"cpt: MLM-40 for {scale['cpt_steps']} steps from the {name} run", flush=True)
+        print(f"cpt: MLM-40 for {scale['cpt_steps']} steps from the {name} run of seed {seed}", flush=True)
         sweep._subprocess(args, os.path.join(rdir, "train.log"))
         with open(done, "w") as f:
             json.dump({"wall_s": time.time() - start, **made_from, **sweep._final_metrics(rdir)}, f)
@@ -124,6 +135,11 @@ def finetune(workdir: str, name: str, checkpoints: list[str], scale: dict, learn
           f"learning rates x {len(scale['seeds'])} seeds -> {ft_dir}", flush=True)
     sweep._subprocess(args, os.path.join(ft_dir, "finetune.log"))
     return ft_dir
+
+
+def finals(runs: dict, cpt: dict) -> list[str]:
+    """The final checkpoints to fine-tune: every pretraining run, then every CPT run."""
+    return [runs[k] for k in sorted(runs, key=lambda k: (SCHEDULES.index(k[0]), k[1]))] + [cpt[k] for k in sorted(cpt)]
 
 
 def intermediate_checkpoints(run_dir: str, steps: int) -> list[str]:

@@ -11,6 +11,7 @@ from absl import app, flags
 from mlm_vs_clm.replicate import (
     SCALES,
     SCHEDULES,
+    finals,
     finetune,
     intermediate_checkpoints,
     output_dirs,
@@ -33,16 +34,17 @@ def main(argv) -> int:
     workdir, report_dir = output_dirs(FLAGS.scale, FLAGS.workdir, FLAGS.report_dir)
     start = time.time()
     try:
-        stage(f"1/4 pretraining: tiny, {scale['steps']} steps, {', '.join(SCHEDULES)}")
+        seeds = scale["pretrain_seeds"]
+        stage(f"1/4 pretraining: tiny, {scale['steps']} steps, {', '.join(SCHEDULES)} x pretraining seeds "
+              f"{', '.join(map(str, seeds))}")
         runs = run_pretraining(workdir, scale)
         stage(f"2/4 continued pretraining: {scale['cpt_steps']} MLM-40 steps from the CLM and MLM runs")
         cpt = run_cpt(workdir, scale, runs)
-        finals = [runs[s] for s in SCHEDULES] + [cpt["clm"], cpt["mlm40"]]
         stage("3/4 fine-tuning the final checkpoints (learning rates x seeds)")
-        final_dir = finetune(workdir, "finetune_final", finals, scale, scale["learning_rates"])
+        final_dir = finetune(workdir, "finetune_final", finals(runs, cpt), scale, scale["learning_rates"])
         stage("4/4 fine-tuning the intermediate checkpoints of the MLM and CLM runs")
-        middle = intermediate_checkpoints(runs["mlm40"], scale["steps"]) + intermediate_checkpoints(
-            runs["clm"], scale["steps"])
+        middle = [c for name in ("mlm40", "clm") for s in seeds
+                  for c in intermediate_checkpoints(runs[(name, s)], scale["steps"])]
         default_lr = 1e-3 if 1e-3 in scale["learning_rates"] else scale["learning_rates"][0]
         middle_dir = finetune(workdir, "finetune_intermediate", middle, scale, (default_lr,))
     except RuntimeError as e:

@@ -31,6 +31,15 @@ cannot be told apart (likewise B, beta with two token counts); seeds repeat a po
 no information on the shape. A fit needs >= 3 distinct N, >= 3 distinct D and >= 6 distinct
 (N, D) pairs (5 parameters and one degree of freedom for the errors).
 
+Small grids. With n points the residuals have n - 5 degrees of freedom (n - 4 with E fixed).
+With 4 or fewer (`LOW_DOF`) the law is barely determined: on the study's 3 x 3 grid, in
+simulation, about a fifth of the fits are rank-deficient and the N_opt intervals cover about
+72 % rather than 95 %. Such a fit carries a `warning`; two more robust readings are offered:
+`fit_law(..., fixed_E=E)` (E taken from elsewhere, e.g. a larger sweep: one parameter less),
+and `exponent_ratio(fit)`, a = beta / (alpha + beta), the exponent of N_opt ~ C^a, which
+depends on the curvature of the law more than on its level and is the quantity to report
+from a small grid.
+
 Frontier. With training compute approximated as C = 6 N D, minimising L(N, C / (6 N)) gives
 N_opt = G (C/6)^(beta/(alpha+beta)), D_opt = C / (6 N_opt), G = (alpha A / (beta B))^(1/(alpha+beta)).
 Each frontier value gets a 95 % interval by the delta method: the gradient of log N_opt,
@@ -53,6 +62,7 @@ MIN_DISTINCT = 3  # distinct N, distinct D
 RANK_TOL = 1e-10  # smallest / largest singular value of J below this: rank-deficient
 HUBER_SCALE = 0.01
 EXPONENT_BOUNDS = (0.01, 3.0)
+LOW_DOF = 4  # residual degrees of freedom at or below which a fit is flagged
 
 
 class NoFit(ValueError):
@@ -81,6 +91,15 @@ class LawFit:
     N_range: tuple = ()  # (min, max) of the fitted points' N
     C_range: tuple = ()  # (min, max) of the fitted points' 6 N D
     t95: float = float("nan")  # the t quantile of the intervals
+    dof: int = 0  # residual degrees of freedom: points - free parameters
+    fixed_E: bool = False  # E was given, not fitted
+
+    @property
+    def warning(self) -> str:
+        if self.dof > LOW_DOF:
+            return ""
+        return (f"{self.dof} residual degree{'s' * (self.dof != 1)} of freedom (<= {LOW_DOF}): the law is barely "
+                "determined and its intervals under-cover; report the exponent ratio, or fit with E fixed")
 
     def predict(self, N, D) -> np.ndarray:
         N, D = np.asarray(N, float), np.asarray(D, float)
@@ -91,20 +110,22 @@ class LawFit:
         out.update(se=dict(self.se), ci95={k: list(v) for k, v in self.ci95.items()}, rmse=self.rmse,
                    n_points=self.n_points, n_sizes=self.n_sizes, n_token_counts=self.n_token_counts,
                    at_bound=list(self.at_bound), cov=[list(r) for r in self.cov], N_range=list(self.N_range),
-                   C_range=list(self.C_range))
+                   C_range=list(self.C_range), dof=self.dof, fixed_E=self.fixed_E, warning=self.warning)
+        ratio, (lo, hi) = exponent_ratio(self)
+        out.update(exponent_ratio=ratio, exponent_ratio_ci95=[lo, hi])
         return out
 
 
-def check_points(N, D, L) -> None:
+def check_points(N, D, L, fixed_E: bool = False) -> None:
     """Raises TooFewPoints naming the shortfall (points, distinct (N, D) pairs, sizes, token counts)."""
     N, D = np.asarray(N).tolist(), np.asarray(D).tolist()
     n, npairs, ns, nd = len(L), len(set(zip(N, D))), len(set(N)), len(set(D))
-    if npairs >= MIN_PAIRS and ns >= MIN_DISTINCT and nd >= MIN_DISTINCT:
+    if npairs >= MIN_PAIRS - fixed_E and ns >= MIN_DISTINCT and nd >= MIN_DISTINCT:
         return
     raise TooFewPoints(f"{n} point{'s' * (n != 1)} at {npairs} distinct (N, D) pair{'s' * (npairs != 1)}, "
-                       f"{ns} distinct model size{'s' * (ns != 1)}, {nd} distinct token count{'s' * (nd != 1)}: need >= "
-                       f"{MIN_DISTINCT} sizes, >= {MIN_DISTINCT} token counts and >= {MIN_PAIRS} distinct (N, D) "
-                       "pairs to fit 5 parameters")
+                       f"{ns} distinct model size{'s' * (ns != 1)}, {nd} distinct token count{'s' * (nd != 1)}: "
+                       f"need >= {MIN_DISTINCT} sizes, >= {MIN_DISTINCT} token counts and >= {MIN_PAIRS - fixed_E} "
+                       f"distinct (N, D) pairs to fit {5 - fixed_E} parameters")
 
 
 def _terms(theta, logN, logD):
@@ -125,13 +146,13 @@ def _jacobian(theta, logN, logD, logL):
     return J_nx5 / pred[:, None]
 
 
-def _starts(logN, logD, L, keep: int = 6) -> list[np.ndarray]:
+def _starts(logN, logD, L, keep: int = 6, fixed_E: float | None = None) -> list[np.ndarray]:
     """Grid over (E, alpha, beta); A, B by non-negative least squares; the `keep` best in log error."""
     from scipy.optimize import nnls
 
     found = []
-    for frac, alpha, beta in itertools.product((0.05, 0.3, 0.6, 0.8, 0.95), np.geomspace(0.05, 2.0, 8),
-                                               np.geomspace(0.05, 2.0, 8)):
+    fracs = (0.05, 0.3, 0.6, 0.8, 0.95) if fixed_E is None else (fixed_E / L.min(),)
+    for frac, alpha, beta in itertools.product(fracs, np.geomspace(0.05, 2.0, 8), np.geomspace(0.05, 2.0, 8)):
         E = frac * L.min()
         X_nx2 = np.stack([np.exp(-alpha * logN), np.exp(-beta * logD)], axis=1)
         scale_2 = X_nx2.max(axis=0)
@@ -143,8 +164,9 @@ def _starts(logN, logD, L, keep: int = 6) -> list[np.ndarray]:
     return [np.asarray(t) for _, t in found[:keep]]
 
 
-def fit_law(N, D, L) -> LawFit:
-    """Fits L = E + A/N^alpha + B/D^beta to points (N_i, D_i, L_i) (see the module docstring)."""
+def fit_law(N, D, L, fixed_E: float | None = None) -> LawFit:
+    """Fits L = E + A/N^alpha + B/D^beta to points (N_i, D_i, L_i) (see the module docstring);
+    with `fixed_E`, E is that value and the four other parameters are fitted."""
     from scipy import stats
     from scipy.optimize import least_squares
 
@@ -153,34 +175,52 @@ def fit_law(N, D, L) -> LawFit:
         raise ValueError(f"fit_law: N, D and L differ in length ({len(N)}, {len(D)}, {len(L)})")
     if not (np.all(np.isfinite(N + D + L)) and np.all(N > 0) and np.all(D > 0) and np.all(L > 0)):
         raise ValueError("fit_law: N, D and L must be finite and positive")
-    check_points(N, D, L)
+    fix = fixed_E is not None
+    if fix and not (np.isfinite(fixed_E) and 0 < fixed_E < L.min()):
+        raise ValueError(f"fit_law: fixed_E must be positive and below the smallest loss {L.min():.4g}, got {fixed_E}")
+    check_points(N, D, L, fix)
     logN, logD, logL = np.log(N), np.log(D), np.log(L)
     lo_e, hi_e = np.log(L.min()) - 12.0, np.log(L.max()) + 1.0
     lower = np.array([lo_e, -30.0, EXPONENT_BOUNDS[0], -30.0, EXPONENT_BOUNDS[0]])
     upper = np.array([hi_e, 120.0, EXPONENT_BOUNDS[1], 120.0, EXPONENT_BOUNDS[1]])
+    free = slice(1, 5) if fix else slice(0, 5)
+    e0 = np.log(fixed_E) if fix else 0.0
+
+    def full(th):
+        return np.concatenate([[e0], th]) if fix else th
+
+    def res_fn(th, *args):
+        return _residuals(full(th), *args)
+
+    def jac_fn(th, *args):
+        return _jacobian(full(th), *args)[:, free]
+
     best = None
-    for theta0 in _starts(logN, logD, L):
-        theta0 = np.clip(theta0, lower + 1e-9, upper - 1e-9)
-        res = least_squares(_residuals, theta0, jac=_jacobian, bounds=(lower, upper), loss="huber",
+    for theta0 in _starts(logN, logD, L, fixed_E=fixed_E):
+        theta0 = np.clip(theta0, lower + 1e-9, upper - 1e-9)[free]
+        res = least_squares(res_fn, theta0, jac=jac_fn, bounds=(lower[free], upper[free]), loss="huber",
                             f_scale=HUBER_SCALE, args=(logN, logD, logL), x_scale="jac", max_nfev=2000)
         if best is None or res.cost < best.cost:
             best = res
-    theta = best.x
+    theta = full(best.x)
     r = _residuals(theta, logN, logD, logL)
-    J = _jacobian(theta, logN, logD, logL)
-    dof = len(L) - len(PARAMS)
+    J = jac_fn(best.x, logN, logD, logL)
+    n_free = len(PARAMS) - fix
+    dof = len(L) - n_free
     s2 = float(np.sum(r**2) / dof)
     _, sv, Vt_5x5 = np.linalg.svd(J, full_matrices=False)
     rank = int(np.sum(sv > RANK_TOL * sv[0]))
-    if rank < len(PARAMS):
-        raise NoFit(f"the law's Jacobian at the fit has rank {rank} < 5 (condition number {sv[0] / sv[-1]:.3g}): "
-                    "these points do not determine E, A, alpha, B and beta; add model sizes or token counts")
-    cov_5x5 = s2 * (Vt_5x5.T / sv**2) @ Vt_5x5
-    var = np.diag(cov_5x5)
+    if rank < n_free:
+        raise NoFit(f"the law's Jacobian at the fit has rank {rank} < {n_free} (condition number "
+                    f"{sv[0] / sv[-1]:.3g}): these points do not determine the law's parameters; add model sizes "
+                    "or token counts")
+    cov_5x5 = np.zeros((5, 5))
+    cov_5x5[free, free] = s2 * (Vt_5x5.T / sv**2) @ Vt_5x5
+    var = np.diag(cov_5x5)[free]
     if not np.all(np.isfinite(var) & (var > 0)):
         raise NoFit(f"no error estimate: parameter variances {var.tolist()} are not all positive "
                     f"(residual variance {s2:.3g})")
-    se_theta = np.sqrt(var)
+    se_theta = np.sqrt(np.diag(cov_5x5))
     t = float(stats.t.ppf(0.975, dof))
     value, se, ci = {}, {}, {}
     for i, name in enumerate(PARAMS):
@@ -193,12 +233,23 @@ def fit_law(N, D, L) -> LawFit:
             se[name] = float(value[name] * se_theta[i])
             with np.errstate(over="ignore"):
                 ci[name] = (float(np.exp(theta[i] - t * se_theta[i])), float(np.exp(theta[i] + t * se_theta[i])))
-    at_bound = tuple(name for name, active in zip(PARAMS, best.active_mask) if active != 0)
+    at_bound = tuple(name for name, active in zip(PARAMS[free], best.active_mask) if active != 0)
     fit = LawFit(**value, se=se, ci95=ci, rmse=0.0, n_points=len(L), n_sizes=len(set(N.tolist())),
                  n_token_counts=len(set(D.tolist())), at_bound=at_bound, cov=tuple(map(tuple, cov_5x5.tolist())),
                  N_range=(float(N.min()), float(N.max())), C_range=(float((6 * N * D).min()), float((6 * N * D).max())),
-                 t95=t)
+                 t95=t, dof=dof, fixed_E=fix)
     return dataclasses.replace(fit, rmse=float(np.sqrt(np.mean((fit.predict(N, D) - L) ** 2))))
+
+
+def exponent_ratio(fit: LawFit) -> tuple[float, tuple[float, float]]:
+    """a = beta / (alpha + beta) (N_opt ~ C^a) and its 95 % interval (delta method, the fit's t)."""
+    a = fit.beta / (fit.alpha + fit.beta)
+    if not fit.cov:
+        return a, (float("nan"), float("nan"))
+    s = fit.alpha + fit.beta
+    grad = np.array([0.0, 0.0, -fit.beta / s**2, 0.0, fit.alpha / s**2])
+    se = float(np.sqrt(max(grad @ np.asarray(fit.cov) @ grad, 0.0)))
+    return a, (a - fit.t95 * se, a + fit.t95 * se)
 
 
 def _frontier_at(theta, K):

@@ -142,11 +142,14 @@ def _fill_missing(partial, fresh):
 
 
 def evaluate(setup, params, val_batches, config) -> dict:
-    """val_{mlm,clm}_{loss,accuracy} on the fixed validation rows, whatever the objective."""
+    """val_{mlm,clm}_{loss,accuracy} on the fixed validation rows, whatever the objective. The
+    MLM masks are fixed too: step.VALIDATION_MASK_RATIO (40 %) with step.VALIDATION_REPLACEMENT
+    ('mask'), independent of the run's mlm.mask_ratio and mlm.replacement, so every run is scored
+    on the same inputs."""
     from mlm_vs_clm.schedules import Objective
 
     out = {}
-    for name, obj in (("mlm", Objective("mlm", config.mlm.mask_ratio)), ("clm", Objective("clm"))):
+    for name, obj in (("mlm", Objective("mlm", step_lib.VALIDATION_MASK_RATIO)), ("clm", Objective("clm"))):
         fn = step_lib.compiled_eval_step(setup, obj)
         loss = correct = count = 0.0
         for i, b in enumerate(val_batches):
