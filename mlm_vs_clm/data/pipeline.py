@@ -29,7 +29,7 @@ import numpy as np
 from absl import flags, logging
 
 from mlm_vs_clm.config import ConfigError
-from mlm_vs_clm.data import demo_corpus, sources
+from mlm_vs_clm.data import demo_corpus, prepared, sources
 from mlm_vs_clm.data.tokenizer import (
     Tokenizer,
     TokenizerError,
@@ -205,7 +205,10 @@ def train_iterator(config, tokenizer: Tokenizer, process_index: int = 0, process
     global batch, so the global batch does not depend on the number of processes (a run on
     2 hosts equals a run on 1). `data.shard_by_process=True` instead gives each process its
     own documents: less tokenization per host, but the batches depend on the process count.
+    A `prepared:` source is read by row index instead (`prepared.train_iterator`).
     """
+    if prepared.is_prepared(config.data.source):
+        return prepared.train_iterator(config, process_index, process_count)
     docs = documents(config, "train")
     local = local_batch_size(config, process_count)
     seed = config.seed if config.data.shuffle else None
@@ -226,6 +229,8 @@ def train_iterator(config, tokenizer: Tokenizer, process_index: int = 0, process
 
 def validation_batches(config, tokenizer: Tokenizer, num_batches: int) -> list[dict]:
     """`num_batches` global batches (train.batch_size rows) of held-out rows, in a fixed order."""
+    if prepared.is_prepared(config.data.source):
+        return prepared.validation_batches(config, num_batches)
     docs = documents(config, "validation")
     ds = packed_batches(docs, tokenizer, config.train.seq_len, config.train.batch_size, seed=None)
     it = iter(ds)
@@ -267,7 +272,11 @@ def check_tokenizer(config, tokenizer: Tokenizer) -> None:
 def prepare_tokenizer(config, workdir: str | None = None) -> Tokenizer:
     """`data.tokenizer` if set; else the run's own copy (resume); else one trained on the
     training documents with `data.tokenizer_vocab_size` pieces, cached in the cache folder.
-    A copy goes to `workdir/tokenizer/`."""
+    A copy goes to `workdir/tokenizer/`. A `prepared:` source brings its own tokenizer."""
+    if prepared.is_prepared(config.data.source):
+        tokenizer = prepared.prepare_tokenizer(config, workdir)
+        check_tokenizer(config, tokenizer)
+        return tokenizer
     run_copy = os.path.join(workdir, "tokenizer") if workdir else None
     if config.data.tokenizer:
         tokenizer = load_tokenizer(config.data.tokenizer)

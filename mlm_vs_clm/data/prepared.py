@@ -1,0 +1,301 @@
+"""Training on a prepared corpus (`data.source=prepared:DIR`): packed rows read by row index.
+
+A prepared corpus (written by `python -m mlm_vs_clm.data.prepare`) is a folder holding
+`manifest.json`, ArrayRecord shards of packed rows (`train-NNNNN.array_record`, held-out
+`validation-NNNNN.array_record`) and `tokenizer/`, a copy of its tokenizer.
+
+A row record is the row's `seq_len` tokens (`manifest["token_dtype"]`, uint16 when the
+vocabulary fits) followed by the lengths of its segments (int32): segment ids and positions
+are rebuilt from them exactly as the pipeline packed them (`encode_row` / `decode_row`).
+
+Global row j of step s is `row(s * batch_size + j)`: for one corpus, `perm_e(g mod n)` with
+e = g // n the epoch and perm_e grain's seeded index shuffle (`MapDataset.shuffle`, seed
+`seed + e`), computed lazily per index. Each process reads only its rows
+`[p * batch / P, (p + 1) * batch / P)` of each global batch; the iterator is a grain
+`MapDataset` over steps, so its state is the step (`{"next_index": s}`) and a checkpoint
+resumes under any process count with the identical global batch. A mixture
+`prepared:A@0.7,prepared:B@0.3` assigns global rows to corpora in blocks of
+`MIXTURE_BLOCK` rows: in each block, a seeded arrangement of round(w * MIXTURE_BLOCK) slots
+per corpus; a corpus's k-th slot overall reads its own k-th permuted row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+
+import grain
+import numpy as np
+
+from mlm_vs_clm.config import ConfigError
+from mlm_vs_clm.data.sources import SourceError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+TOKENIZER_DIR = "tokenizer"
+PREFIX = "prepared:"
+MIXTURE_BLOCK = 1000
+
+
+class PreparedError(SourceError):
+    """A prepared corpus is missing, corrupt or does not fit the run; the message names the file."""
+
+
+def is_prepared(spec: str) -> bool:
+    return (spec or "").strip().startswith(PREFIX)
+
+
+# -- rows ---------------------------------------------------------------------------------------
+
+def token_dtype(vocab_size: int) -> str:
+    return "uint16" if vocab_size <= 65536 else "int32"
+
+
+def encode_row(tokens: np.ndarray, segment_ids: np.ndarray, dtype: str) -> bytes:
+    """A packed row -> its record: tokens, then the length of each segment (ids 1, 2, ...)."""
+    lengths = np.bincount(segment_ids[segment_ids > 0])[1:].astype(np.int32)
+    return np.asarray(tokens).astype(dtype).tobytes() + lengths.tobytes()
+
+
+def decode_row(record: bytes, seq_len: int, dtype: str) -> dict:
+    """A record -> {tokens, segment_ids, positions}: int32 [seq_len], as the pipeline packs them."""
+    n = seq_len * np.dtype(dtype).itemsize
+    if len(record) < n or (len(record) - n) % 4:
+        raise ValueError(f"a record of {len(record)} bytes is not a row of {seq_len} {dtype} tokens")
+    tokens = np.frombuffer(record, dtype, seq_len).astype(np.int32)
+    lengths = np.frombuffer(record, np.int32, offset=n)
+    used = int(lengths.sum())
+    if used > seq_len or (lengths <= 0).any():
+        raise ValueError(f"segment lengths {lengths.tolist()} do not fit a row of {seq_len}")
+    segment_ids = np.zeros(seq_len, np.int32)
+    positions = np.zeros(seq_len, np.int32)
+    segment_ids[:used] = np.repeat(np.arange(1, len(lengths) + 1, dtype=np.int32), lengths)
+    starts = np.cumsum(lengths) - lengths
+    positions[:used] = np.arange(used, dtype=np.int32) - np.repeat(starts, lengths).astype(np.int32)
+    return {"tokens": tokens, "segment_ids": segment_ids, "positions": positions}
+
+
+# -- tokenizer fingerprint ----------------------------------------------------------------------
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 (16 hex digits) of the files `tokenizer.save` writes: its model and special ids."""
+    with tempfile.TemporaryDirectory() as d:
+        tokenizer.save(d)
+        h = hashlib.sha256()
+        for name in sorted(os.listdir(d)):
+            h.update(name.encode() + b"\0")
+            with open(os.path.join(d, name), "rb") as f:
+                h.update(f.read())
+    return h.hexdigest()[:16]
+
+
+# -- a prepared corpus --------------------------------------------------------------------------
+
+class Rows:
+    """Random access to one split's rows (the shards in manifest order), decoded."""
+
+    def __init__(self, corpus: "Corpus", shards: list[dict]):
+        self._paths = [os.path.join(corpus.directory, s["file"]) for s in shards if s["rows"]]
+        self._ends = np.cumsum([s["rows"] for s in shards if s["rows"]])
+        self._seq_len, self._dtype = corpus.seq_len, corpus.dtype
+        self._source = None
+
+    def __len__(self) -> int:
+        return int(self._ends[-1]) if len(self._ends) else 0
+
+    def _file_of(self, index: int) -> str:
+        return self._paths[int(np.searchsorted(self._ends, index, side="right"))]
+
+    def __getitem__(self, index: int) -> dict:
+        index = int(index) % len(self)
+        try:
+            if self._source is None:
+                self._source = grain.sources.ArrayRecordDataSource(self._paths)
+            record = self._source[index]
+            return decode_row(record, self._seq_len, self._dtype)
+        except Exception as e:  # noqa: BLE001 - array_record and decoding errors: this shard is unusable
+            detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise PreparedError(f"prepared shard {self._file_of(index)!r} is corrupt: row {index}: {detail}") from e
+
+    def __getstate__(self):
+        return {**self.__dict__, "_source": None}
+
+
+class Corpus:
+    """A prepared corpus folder (or its manifest.json), checked: every shard present, whole."""
+
+    def __init__(self, path: str):
+        path = os.path.abspath(os.path.expanduser(path))
+        self.directory = os.path.dirname(path) if path.endswith(".json") else path
+        manifest = os.path.join(self.directory, MANIFEST)
+        if not os.path.isfile(manifest):
+            raise PreparedError(f"prepared corpus {self.directory!r}: no {MANIFEST} (a prepare that has not "
+                                "finished, or not a prepared corpus)")
+        try:
+            with open(manifest) as f:
+                m = json.load(f)
+            self.seq_len, self.dtype = int(m["seq_len"]), str(m["token_dtype"])
+            version = int(m["format_version"])
+            train, validation = m["train"]["shards"], m["validation"]["shards"]
+            self.tokenizer_fingerprint = m["tokenizer"]["fingerprint"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise PreparedError(f"prepared manifest {manifest!r} is corrupt ({type(e).__name__}: {e})") from e
+        if version != FORMAT_VERSION:
+            raise PreparedError(f"prepared manifest {manifest!r} has format version {version}; this code reads "
+                                f"version {FORMAT_VERSION}: prepare the corpus again")
+        for shard in train + validation:
+            file = os.path.join(self.directory, shard["file"])
+            if not os.path.isfile(file):
+                raise PreparedError(f"prepared shard {file!r} is missing")
+            if os.path.getsize(file) != shard["bytes"]:
+                raise PreparedError(f"prepared shard {file!r} is corrupt: {os.path.getsize(file)} bytes, the manifest "
+                                    f"says {shard['bytes']}")
+        self.manifest = m
+        self.train, self.validation = Rows(self, train), Rows(self, validation)
+        if not len(self.train):
+            raise PreparedError(f"prepared corpus {self.directory!r} has no training rows")
+
+    @property
+    def tokenizer_dir(self) -> str:
+        return os.path.join(self.directory, TOKENIZER_DIR)
+
+
+def parse_spec(spec: str) -> list[tuple[str, float]]:
+    """`prepared:A[@w],prepared:B[@w]` -> [(A, w), ...] with weights summing to 1."""
+    parts = [p.strip() for p in spec.split(",") if p.strip()]
+    out = []
+    for part in parts:
+        if not part.startswith(PREFIX):
+            raise ConfigError(f"data.source: {part!r} in a mixture is not prepared:DIR[@WEIGHT]")
+        body = part[len(PREFIX):]
+        path, _, weight = body.rpartition("@") if "@" in body else (body, "", "1")
+        try:
+            w = float(weight)
+        except ValueError:
+            w = -1.0
+        if not path or not w > 0:
+            raise ConfigError(f"data.source: {part!r}: expected prepared:DIR[@WEIGHT] with a positive weight")
+        out.append((path, w))
+    total = sum(w for _, w in out)
+    return [(p, w / total) for p, w in out]
+
+
+_corpora: dict = {}
+
+
+def open_corpora(spec: str) -> list[tuple[Corpus, float]]:
+    out = []
+    for path, w in parse_spec(spec):
+        key = os.path.abspath(path)
+        if key not in _corpora:
+            _corpora[key] = Corpus(path)
+        out.append((_corpora[key], w))
+    first = out[0][0]
+    for c, _ in out[1:]:
+        if c.tokenizer_fingerprint != first.tokenizer_fingerprint or c.seq_len != first.seq_len:
+            raise ConfigError(f"data.source: prepared corpora {first.directory!r} and {c.directory!r} differ in "
+                              "tokenizer or seq_len; a mixture needs one tokenizer and one seq_len")
+    return out
+
+
+class Mixture:
+    """Global row index -> a row of one of the corpora (module docstring)."""
+
+    def __init__(self, corpora: list[tuple[Corpus, float]], seed: int):
+        self._rows = [grain.MapDataset.source(c.train).shuffle(seed=(int(seed) + 1_000_003 * i) % 2**32)
+                      for i, (c, _) in enumerate(corpora)]
+        counts = np.round(np.array([w for _, w in corpora]) * MIXTURE_BLOCK).astype(np.int64)
+        counts[np.argmax(counts)] += MIXTURE_BLOCK - counts.sum()
+        self._counts, self._seed = counts, int(seed)
+        self._block_cache: dict = {}
+
+    def _block(self, b: int):
+        if b not in self._block_cache:
+            labels = np.repeat(np.arange(len(self._counts)), self._counts)
+            labels = np.random.default_rng([self._seed, b]).permutation(labels)
+            ranks = np.zeros_like(labels)
+            for c in range(len(self._counts)):
+                ranks[labels == c] = np.arange(self._counts[c])
+            if len(self._block_cache) > 64:
+                self._block_cache.clear()
+            self._block_cache[b] = (labels, ranks)
+        return self._block_cache[b]
+
+    def locate(self, g: int) -> tuple[int, int]:
+        """(corpus, index into that corpus's endless permuted rows) of global row `g`."""
+        if len(self._rows) == 1:
+            return 0, g
+        b, slot = divmod(g, MIXTURE_BLOCK)
+        labels, ranks = self._block(b)
+        c = int(labels[slot])
+        return c, b * int(self._counts[c]) + int(ranks[slot])
+
+    def __getitem__(self, g: int) -> dict:
+        c, k = self.locate(int(g))
+        return self._rows[c][k]
+
+
+class _StepRows(grain.transforms.Map):
+    """step s -> this process's rows [start, start + rows) of global batch s, stacked."""
+
+    def __init__(self, mixture: Mixture, batch_size: int, start: int, rows: int):
+        self._mixture, self._batch, self._start, self._rows = mixture, batch_size, start, rows
+
+    def map(self, step: int) -> dict:
+        first = int(step) * self._batch + self._start
+        rows = [self._mixture[first + k] for k in range(self._rows)]
+        return {k: np.stack([r[k] for r in rows]) for k in ("tokens", "segment_ids", "positions")}
+
+
+def check_seq_len(config, corpora) -> None:
+    corpus = corpora[0][0]
+    if corpus.seq_len != config.train.seq_len:
+        raise ConfigError(f"train.seq_len={config.train.seq_len} differs from the prepared corpus "
+                          f"{corpus.directory!r}, packed at seq_len {corpus.seq_len}")
+
+
+def train_iterator(config, process_index: int = 0, process_count: int = 1, threads: int = 4):
+    """This process's batches: a grain iterator whose state is the step."""
+    from mlm_vs_clm.data.pipeline import local_batch_size
+
+    corpora = open_corpora(config.data.source)
+    check_seq_len(config, corpora)
+    local = local_batch_size(config, process_count)
+    mixture = Mixture(corpora, config.seed if config.data.shuffle else 0)
+    ds = grain.MapDataset.range(2**62).map(_StepRows(mixture, config.train.batch_size, process_index * local, local))
+    return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads)))
+
+
+def validation_batches(config, num_batches: int) -> list[dict]:
+    """Global batches of the first corpus's held-out rows, in order (wrapping around)."""
+    corpus = open_corpora(config.data.source)[0][0]
+    rows = corpus.validation
+    if not len(rows):
+        raise PreparedError(f"prepared corpus {corpus.directory!r} has no held-out rows (prepared with "
+                            "--heldout_every=0); prepare it with held-out documents")
+    b = config.train.batch_size
+    out = []
+    for i in range(num_batches):
+        got = [rows[i * b + k] for k in range(b)]
+        out.append({k: np.stack([r[k] for r in got]) for k in ("tokens", "segment_ids", "positions")})
+    return out
+
+
+def prepare_tokenizer(config, workdir: str | None):
+    """The manifest's tokenizer; `data.tokenizer` (or the run's copy) only if it is the same one."""
+    from mlm_vs_clm.data.tokenizer import load_tokenizer
+
+    corpora = open_corpora(config.data.source)
+    corpus = corpora[0][0]
+    run_copy = os.path.join(workdir, "tokenizer") if workdir else None
+    given = config.data.tokenizer or (run_copy if run_copy and os.path.isdir(run_copy) else "")
+    tokenizer = load_tokenizer(given or corpus.tokenizer_dir)
+    fp = tokenizer_fingerprint(tokenizer)
+    if fp != corpus.tokenizer_fingerprint:
+        raise PreparedError(f"tokenizer {given!r} (fingerprint {fp}) differs from the prepared corpus's "
+                            f"{corpus.tokenizer_dir!r} (fingerprint {corpus.tokenizer_fingerprint})")
+    if run_copy and not os.path.isdir(run_copy):
+        tokenizer.save(run_copy)
+    return tokenizer
