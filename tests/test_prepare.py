@@ -170,6 +170,10 @@ def test_global_batch_is_the_same_for_1_and_2_processes_and_resumes_by_step(ref)
     first_epoch = sorted(mix[g]["tokens"].tobytes() for g in range(n))
     assert first_epoch == sorted(corpus.train[i]["tokens"].tobytes() for i in range(n))
     assert [mix[g]["tokens"].tobytes() for g in range(n, n + 20)] != [mix[g]["tokens"].tobytes() for g in range(20)]
+    import grain
+
+    shuffled = grain.MapDataset.range(n).shuffle(seed=5)
+    assert [prepared.permuted_row(g, n, 5) for g in range(3 * n)] == [shuffled[g] % n for g in range(3 * n)]
     other_seed = next(pipeline.train_iterator(_config(ref, seed=1), None))
     assert not np.array_equal(other_seed["tokens"], one[0]["tokens"])
 

@@ -28,6 +28,7 @@ import tempfile
 
 import grain
 import numpy as np
+from grain._src.python.experimental.index_shuffle.python import index_shuffle_module as _index_shuffle
 
 from mlm_vs_clm.config import ConfigError
 from mlm_vs_clm.data.sources import SourceError
@@ -59,22 +60,42 @@ def encode_row(tokens: np.ndarray, segment_ids: np.ndarray, dtype: str) -> bytes
     return np.asarray(tokens).astype(dtype).tobytes() + lengths.tobytes()
 
 
-def decode_row(record: bytes, seq_len: int, dtype: str) -> dict:
-    """A record -> {tokens, segment_ids, positions}: int32 [seq_len], as the pipeline packs them."""
-    n = seq_len * np.dtype(dtype).itemsize
-    if len(record) < n or (len(record) - n) % 4:
-        raise ValueError(f"a record of {len(record)} bytes is not a row of {seq_len} {dtype} tokens")
-    tokens = np.frombuffer(record, dtype, seq_len).astype(np.int32)
-    lengths = np.frombuffer(record, np.int32, offset=n)
-    used = int(lengths.sum())
-    if used > seq_len or (lengths <= 0).any():
-        raise ValueError(f"segment lengths {lengths.tolist()} do not fit a row of {seq_len}")
-    segment_ids = np.zeros(seq_len, np.int32)
-    positions = np.zeros(seq_len, np.int32)
-    segment_ids[:used] = np.repeat(np.arange(1, len(lengths) + 1, dtype=np.int32), lengths)
-    starts = np.cumsum(lengths) - lengths
-    positions[:used] = np.arange(used, dtype=np.int32) - np.repeat(starts, lengths).astype(np.int32)
+def decode_rows(records: list[bytes], seq_len: int, dtype: str) -> dict:
+    """Records -> {tokens, segment_ids, positions}: int32 [n, seq_len], as the pipeline packs them."""
+    n, nbytes = len(records), seq_len * np.dtype(dtype).itemsize
+    tokens = np.empty((n, seq_len), np.int32)
+    ids, lens = [], []  # per row: segments 1..k, then the padding (id 0, maybe of length 0)
+    for i, record in enumerate(records):
+        if len(record) < nbytes or (len(record) - nbytes) % 4:
+            raise ValueError(f"a record of {len(record)} bytes is not a row of {seq_len} {dtype} tokens")
+        tokens[i] = np.frombuffer(record, dtype, seq_len)
+        lengths = np.frombuffer(record, np.int32, offset=nbytes).tolist()
+        used = sum(lengths)
+        if used > seq_len or min(lengths, default=1) <= 0:
+            raise ValueError(f"segment lengths {lengths} do not fit a row of {seq_len}")
+        ids.extend(range(1, len(lengths) + 1))
+        ids.append(0)
+        lens.extend(lengths)
+        lens.append(seq_len - used)
+    ids, lens = np.array(ids, np.int32), np.array(lens, np.int64)
+    segment_ids = np.repeat(ids, lens).reshape(n, seq_len)
+    starts = np.cumsum(lens) - lens
+    positions = (np.arange(n * seq_len, dtype=np.int64) - np.repeat(starts, lens)).astype(np.int32).reshape(n, seq_len)
+    positions[segment_ids == 0] = 0
     return {"tokens": tokens, "segment_ids": segment_ids, "positions": positions}
+
+
+def decode_row(record: bytes, seq_len: int, dtype: str) -> dict:
+    """One record -> {tokens, segment_ids, positions}: int32 [seq_len]."""
+    return {k: v[0] for k, v in decode_rows([record], seq_len, dtype).items()}
+
+
+def permuted_row(g: int, n: int, seed: int) -> int:
+    """Row of global index `g` in an endless stream of per-epoch permutations of n rows: the
+    same as `grain.MapDataset.range(n).shuffle(seed=seed)[g] % n` (grain's index shuffle,
+    seed + epoch), computed here without the dataset's per-element overhead."""
+    epoch, k = divmod(int(g), n)
+    return _index_shuffle.index_shuffle(k, max_index=n - 1, seed=(int(seed) + epoch) % 2**32, rounds=4)
 
 
 # -- tokenizer fingerprint ----------------------------------------------------------------------
@@ -108,16 +129,33 @@ class Rows:
     def _file_of(self, index: int) -> str:
         return self._paths[int(np.searchsorted(self._ends, index, side="right"))]
 
-    def __getitem__(self, index: int) -> dict:
-        index = int(index) % len(self)
+    def read(self, indices) -> dict:
+        """Rows `indices` (taken modulo the row count), stacked: int32 [len(indices), seq_len]."""
+        indices = [int(i) % len(self) for i in indices]
+        if self._source is None:
+            self._source = grain.sources.ArrayRecordDataSource(self._paths)
+        records = []
+        for index in indices:
+            try:
+                records.append(self._source[index])
+            except Exception as e:  # noqa: BLE001 - array_record errors: this shard is unusable
+                raise self._error(index, e) from e
         try:
-            if self._source is None:
-                self._source = grain.sources.ArrayRecordDataSource(self._paths)
-            record = self._source[index]
-            return decode_row(record, self._seq_len, self._dtype)
-        except Exception as e:  # noqa: BLE001 - array_record and decoding errors: this shard is unusable
-            detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            raise PreparedError(f"prepared shard {self._file_of(index)!r} is corrupt: row {index}: {detail}") from e
+            return decode_rows(records, self._seq_len, self._dtype)
+        except ValueError:
+            for index, record in zip(indices, records):  # find the row that does not decode
+                try:
+                    decode_rows([record], self._seq_len, self._dtype)
+                except ValueError as e:
+                    raise self._error(index, e) from e
+            raise
+
+    def _error(self, index: int, e: Exception) -> "PreparedError":
+        detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        return PreparedError(f"prepared shard {self._file_of(index)!r} is corrupt: row {index}: {detail}")
+
+    def __getitem__(self, index: int) -> dict:
+        return {k: v[0] for k, v in self.read([index]).items()}
 
     def __getstate__(self):
         return {**self.__dict__, "_source": None}
@@ -204,8 +242,8 @@ class Mixture:
     """Global row index -> a row of one of the corpora (module docstring)."""
 
     def __init__(self, corpora: list[tuple[Corpus, float]], seed: int):
-        self._rows = [grain.MapDataset.source(c.train).shuffle(seed=(int(seed) + 1_000_003 * i) % 2**32)
-                      for i, (c, _) in enumerate(corpora)]
+        self._rows = [c.train for c, _ in corpora]
+        self._seeds = [(int(seed) + 1_000_003 * i) % 2**32 for i in range(len(corpora))]
         counts = np.round(np.array([w for _, w in corpora]) * MIXTURE_BLOCK).astype(np.int64)
         counts[np.argmax(counts)] += MIXTURE_BLOCK - counts.sum()
         self._counts, self._seed = counts, int(seed)
@@ -224,17 +262,31 @@ class Mixture:
         return self._block_cache[b]
 
     def locate(self, g: int) -> tuple[int, int]:
-        """(corpus, index into that corpus's endless permuted rows) of global row `g`."""
+        """(corpus, row of that corpus) of global row `g`."""
         if len(self._rows) == 1:
-            return 0, g
-        b, slot = divmod(g, MIXTURE_BLOCK)
-        labels, ranks = self._block(b)
-        c = int(labels[slot])
-        return c, b * int(self._counts[c]) + int(ranks[slot])
+            c, k = 0, int(g)
+        else:
+            b, slot = divmod(int(g), MIXTURE_BLOCK)
+            labels, ranks = self._block(b)
+            c = int(labels[slot])
+            k = b * int(self._counts[c]) + int(ranks[slot])
+        return c, permuted_row(k, len(self._rows[c]), self._seeds[c])
+
+    def read(self, first: int, count: int) -> dict:
+        """Global rows [first, first + count), stacked."""
+        where = [self.locate(g) for g in range(first, first + count)]
+        if len(self._rows) == 1:
+            return self._rows[0].read([r for _, r in where])
+        parts = {c: self._rows[c].read([r for cc, r in where if cc == c]) for c in {c for c, _ in where}}
+        taken = dict.fromkeys(parts, 0)
+        order = []
+        for c, _ in where:
+            order.append((c, taken[c]))
+            taken[c] += 1
+        return {k: np.stack([parts[c][k][i] for c, i in order]) for k in ("tokens", "segment_ids", "positions")}
 
     def __getitem__(self, g: int) -> dict:
-        c, k = self.locate(int(g))
-        return self._rows[c][k]
+        return {k: v[0] for k, v in self.read(int(g), 1).items()}
 
 
 class _StepRows(grain.transforms.Map):
@@ -244,9 +296,7 @@ class _StepRows(grain.transforms.Map):
         self._mixture, self._batch, self._start, self._rows = mixture, batch_size, start, rows
 
     def map(self, step: int) -> dict:
-        first = int(step) * self._batch + self._start
-        rows = [self._mixture[first + k] for k in range(self._rows)]
-        return {k: np.stack([r[k] for r in rows]) for k in ("tokens", "segment_ids", "positions")}
+        return self._mixture.read(int(step) * self._batch + self._start, self._rows)
 
 
 def check_seq_len(config, corpora) -> None:
@@ -278,8 +328,7 @@ def validation_batches(config, num_batches: int) -> list[dict]:
     b = config.train.batch_size
     out = []
     for i in range(num_batches):
-        got = [rows[i * b + k] for k in range(b)]
-        out.append({k: np.stack([r[k] for r in got]) for k in ("tokens", "segment_ids", "positions")})
+        out.append(rows.read(range(i * b, (i + 1) * b)))
     return out
 
 
