@@ -178,8 +178,14 @@ def packed_batches(
     it = _OneReaderState(it, worker_count)
     # Empty documents are dropped here, after the workers, so rows do not depend on them.
     it = it.filter(_DropEmpty(shard_docs, name))
-    it = grain.experimental.ConcatThenSplitIterDataset(it, length_struct={"tokens": seq_len})
-    return it.map(_rename).batch(batch_size, drop_remainder=True)
+    return pack_rows(it, seq_len).batch(batch_size, drop_remainder=True)
+
+
+def pack_rows(docs: grain.IterDataset, seq_len: int) -> grain.IterDataset:
+    """{'tokens': [n]} documents, in order -> rows {tokens, segment_ids, positions} of `seq_len`
+    (grain ConcatThenSplit; see the module docstring). `data.prepare` packs with this too."""
+    it = grain.experimental.ConcatThenSplitIterDataset(docs, length_struct={"tokens": seq_len})
+    return it.map(_rename)
 
 
 def local_batch_size(config, process_count: int) -> int:

@@ -98,20 +98,22 @@ def shard_texts(index: int, pieces: list[dict], settings: dict):
 
 
 def packed_rows(texts: list[str], tokenizer, seq_len: int):
-    """Rows (tokens, segment_ids) of `texts` in order, packed by the training pipeline itself."""
+    """Rows (tokens, segment_ids) of `texts` in order: tokenized and packed by the training
+    pipeline's own transforms (`_Tokenize`, `pack_rows`), in this thread."""
+    import grain
+
     from mlm_vs_clm.data import pipeline
 
-    if not texts:
-        return
-    for batch in pipeline.packed_batches(sources.Documents(texts), tokenizer, seq_len, 1, seed=None, num_epochs=1):
-        yield batch["tokens"][0], batch["segment_ids"][0]
+    docs = grain.MapDataset.source(texts).map(pipeline._Tokenize(tokenizer))
+    for row in pipeline.pack_rows(docs.to_iter_dataset(grain.ReadOptions(num_threads=0)), seq_len):
+        yield row["tokens"], row["segment_ids"]
 
 
 def _write(path: str, rows, dtype: str) -> dict:
     from array_record.python.array_record_module import ArrayRecordWriter
 
     tmp = os.path.join(os.path.dirname(path), f"{TMP}{os.path.basename(path)}.{os.getpid()}")
-    writer = ArrayRecordWriter(tmp, "group_size:1")
+    writer = ArrayRecordWriter(tmp, "group_size:1,uncompressed")
     n = tokens = 0
     for row_tokens, segment_ids in rows:
         writer.write(prepared.encode_row(row_tokens, segment_ids, dtype))
