@@ -181,6 +181,7 @@ def prepare(source: str, tokenizer: str, seq_len: int, out: str, workers: int = 
     settings = {"out": out, "seq_len": int(seq_len), "seed": int(seed), "text_field": text_field,
                 "text_mode": text_mode, "heldout_every": int(heldout_every), "heldout_docs": int(heldout_docs),
                 "token_dtype": prepared.token_dtype(tok.vocab_size)}
+    jsonl_piece_bytes = min(int(jsonl_piece_bytes), int(shard_mb * 2**20))  # a piece fits in a shard
     key = {"format_version": prepared.FORMAT_VERSION, "source": source,
            "source_fingerprint": source_fingerprint(source), "tokenizer_fingerprint": prepared.tokenizer_fingerprint(tok),
            "shard_bytes": int(shard_mb * 2**20), "jsonl_piece_bytes": int(jsonl_piece_bytes),
