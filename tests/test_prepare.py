@@ -117,6 +117,12 @@ def test_resume_after_a_simulated_crash_is_identical(corpus, tok_dir, ref, tmp_p
     prepare.prepare(corpus, tok_dir, SEQ, out, workers=1, **SMALL)
     assert "2 shards written now" in capsys.readouterr().out
     _same_output(ref, out)
+    # Killed after copying the tokenizer, before writing the plan.
+    early = tmp_path / "early"
+    early.mkdir()
+    tk.load_tokenizer(tok_dir).save(str(early / prepared.TOKENIZER_DIR))
+    prepare.prepare(corpus, tok_dir, SEQ, str(early), workers=1, **SMALL)
+    _same_output(ref, str(early))
 
 
 def test_kill9_mid_prepare_then_rerun_is_identical(corpus, tok_dir, ref, tmp_path):

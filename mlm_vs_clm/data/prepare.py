@@ -196,13 +196,14 @@ def prepare(source: str, tokenizer: str, seq_len: int, out: str, workers: int = 
                                "use a new --out or delete it")
         shards = old["shards"]
     else:
-        if os.listdir(out):
+        if [f for f in os.listdir(out) if f != prepared.TOKENIZER_DIR and not f.startswith(TMP)]:
             raise PrepareError(f"--out {out!r} is not empty and holds no {PLAN}; use a new --out")
         pieces = stream.list_pieces(source, text_field, jsonl_piece_bytes)
         shards = plan_shards(pieces, seed, key["shard_bytes"])
         tmp_tok = os.path.join(out, f"{TMP}{prepared.TOKENIZER_DIR}")
         shutil.rmtree(tmp_tok, ignore_errors=True)
         tok.save(tmp_tok)
+        shutil.rmtree(os.path.join(out, prepared.TOKENIZER_DIR), ignore_errors=True)  # a crash before the plan
         os.replace(tmp_tok, os.path.join(out, prepared.TOKENIZER_DIR))
         _atomic_write(plan_path, json.dumps({"key": key, "shards": shards}, sort_keys=True))
     for leftover in glob.glob(os.path.join(out, f"{TMP}*")):  # a crashed run's half-written files

@@ -67,8 +67,11 @@ def loader_rows_per_second(corpus_dir: str, processes: int, batch: int, seconds:
         next(it)
         steps += 1
     elapsed = time.perf_counter() - start
+    import resource
+
     return {"processes": processes, "rows_per_step": local, "rows_per_second": steps * local / elapsed,
-            "bytes_per_step": int(local * record / rows_in_file)}
+            "bytes_per_step": int(local * record / rows_in_file),
+            "peak_rss_mb_so_far": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def synthetic_text(path: str, mb: float, seed: int = 0) -> str:

@@ -250,7 +250,8 @@ class Mixture:
         self._block_cache: dict = {}
 
     def _block(self, b: int):
-        if b not in self._block_cache:
+        found = self._block_cache.get(b)  # read by several grain threads: never index after a check
+        if found is None:
             labels = np.repeat(np.arange(len(self._counts)), self._counts)
             labels = np.random.default_rng([self._seed, b]).permutation(labels)
             ranks = np.zeros_like(labels)
@@ -258,8 +259,8 @@ class Mixture:
                 ranks[labels == c] = np.arange(self._counts[c])
             if len(self._block_cache) > 64:
                 self._block_cache.clear()
-            self._block_cache[b] = (labels, ranks)
-        return self._block_cache[b]
+            found = self._block_cache[b] = (labels, ranks)
+        return found
 
     def locate(self, g: int) -> tuple[int, int]:
         """(corpus, row of that corpus) of global row `g`."""
