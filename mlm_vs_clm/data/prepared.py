@@ -316,7 +316,7 @@ def train_iterator(config, process_index: int = 0, process_count: int = 1, threa
     local = local_batch_size(config, process_count)
     mixture = Mixture(corpora, config.seed if config.data.shuffle else 0)
     ds = grain.MapDataset.range(2**62).map(_StepRows(mixture, config.train.batch_size, process_index * local, local))
-    return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads)))
+    return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=threads)))
 
 
 def validation_batches(config, num_batches: int) -> list[dict]:
