@@ -19,7 +19,7 @@ from mlm_vs_clm.data import tokenizer as tk
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEQ = 32
-WORDS = "the market grew while ministers met and the team won a late match in Zürich 東京".split()
+WORDS = ["the", "market", "grew", "while", "ministers", "met", "and", "the", "team", "won", "a", "late", "match", "in", "Zürich", "東京"]
 SMALL = {"shard_mb": 0.004, "jsonl_piece_bytes": 3000, "heldout_every": 8, "heldout_docs": 2, "progress": False}
 
 
@@ -33,8 +33,7 @@ def corpus(tmp_path_factory):
     d = tmp_path_factory.mktemp("src")
     rng = np.random.default_rng(0)
     with open(d / "a.jsonl", "w") as f:
-        for i in range(150):
-            f.write(json.dumps({"text": _doc(rng, i) if i != 7 else "  "}) + "\n")
+        f.writelines(json.dumps({"text": _doc(rng, i) if i != 7 else "  "}) + "\n" for i in range(150))
     pq.write_table(pa.table({"text": [_doc(rng, 1000 + i) for i in range(120)]}), d / "b.parquet", row_group_size=30)
     for i in range(12):
         (d / f"t{i:02d}.txt").write_text(_doc(rng, 2000 + i))
@@ -62,7 +61,7 @@ def _files(d):
 
 def _same_output(a, b):
     assert _files(a) == _files(b)
-    match, mismatch, errors = filecmp.cmpfiles(a, b, [f for f in _files(a) if os.path.isfile(os.path.join(a, f))],
+    _match, mismatch, errors = filecmp.cmpfiles(a, b, [f for f in _files(a) if os.path.isfile(os.path.join(a, f))],
                                                shallow=False)
     assert not mismatch and not errors, mismatch + errors
 
@@ -81,7 +80,7 @@ def test_prepared_rows_equal_the_pipeline_rows(corpus, tok_dir, ref):
     corpus_ = prepared.Corpus(ref)
     row = 0
     for i, pieces in enumerate(plan["shards"]):
-        train, held, _ = prepare.shard_texts(i, pieces, settings)
+        train, _held, _ = prepare.shard_texts(i, pieces, settings)
         if not train:  # a shard of one document, held out
             continue
         ds = pipeline.packed_batches(sources.Documents(train), tok, SEQ, 1, seed=None, num_epochs=1)
@@ -196,11 +195,11 @@ def test_mixture_is_deterministic_and_weighted(ref, tmp_path):
 
 
 def test_training_on_prepared_rows_resumes_exactly(ref, tmp_path):
+    import shutil
+
     import jax
 
     from mlm_vs_clm.train import train
-
-    import shutil
 
     full, split = str(tmp_path / "full"), str(tmp_path / "split")
     last = train(_config(ref), full, devices=jax.devices()[:1])

@@ -28,7 +28,9 @@ import tempfile
 
 import grain
 import numpy as np
-from grain._src.python.experimental.index_shuffle.python import index_shuffle_module as _index_shuffle
+from grain._src.python.experimental.index_shuffle.python import (
+    index_shuffle_module as _index_shuffle,
+)
 
 from mlm_vs_clm.config import ConfigError
 from mlm_vs_clm.data.sources import SourceError
@@ -117,7 +119,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 class Rows:
     """Random access to one split's rows (the shards in manifest order), decoded."""
 
-    def __init__(self, corpus: "Corpus", shards: list[dict]):
+    def __init__(self, corpus: Corpus, shards: list[dict]):
         self._paths = [os.path.join(corpus.directory, s["file"]) for s in shards if s["rows"]]
         self._ends = np.cumsum([s["rows"] for s in shards if s["rows"]])
         self._seq_len, self._dtype = corpus.seq_len, corpus.dtype
@@ -138,7 +140,7 @@ class Rows:
         for index in indices:
             try:
                 records.append(self._source[index])
-            except Exception as e:  # noqa: BLE001 - array_record errors: this shard is unusable
+            except Exception as e:  # array_record errors of many types: this shard is unusable
                 raise self._error(index, e) from e
         try:
             return decode_rows(records, self._seq_len, self._dtype)
@@ -150,7 +152,7 @@ class Rows:
                     raise self._error(index, e) from e
             raise
 
-    def _error(self, index: int, e: Exception) -> "PreparedError":
+    def _error(self, index: int, e: Exception) -> PreparedError:
         detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         return PreparedError(f"prepared shard {self._file_of(index)!r} is corrupt: row {index}: {detail}")
 
