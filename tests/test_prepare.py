@@ -179,6 +179,8 @@ def test_global_batch_is_the_same_for_1_and_2_processes_and_resumes_by_step(ref)
 
     shuffled = grain.MapDataset.range(n).shuffle(seed=5)
     assert [prepared.permuted_row(g, n, 5) for g in range(3 * n)] == [shuffled[g] % n for g in range(3 * n)]
+    in_order = next(pipeline.train_iterator(_config(ref, **{"data.shuffle": False}), None))
+    np.testing.assert_array_equal(in_order["tokens"], corpus.train.read(range(8))["tokens"])
     other_seed = next(pipeline.train_iterator(_config(ref, seed=1), None))
     assert not np.array_equal(other_seed["tokens"], one[0]["tokens"])
 

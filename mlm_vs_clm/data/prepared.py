@@ -243,7 +243,8 @@ def open_corpora(spec: str) -> list[tuple[Corpus, float]]:
 class Mixture:
     """Global row index -> a row of one of the corpora (module docstring)."""
 
-    def __init__(self, corpora: list[tuple[Corpus, float]], seed: int):
+    def __init__(self, corpora: list[tuple[Corpus, float]], seed: int | None):
+        self._shuffle, seed = seed is not None, seed or 0  # None: rows in order (data.shuffle=False)
         self._rows = [c.train for c, _ in corpora]
         self._seeds = [(int(seed) + 1_000_003 * i) % 2**32 for i in range(len(corpora))]
         counts = np.round(np.array([w for _, w in corpora]) * MIXTURE_BLOCK).astype(np.int64)
@@ -273,7 +274,8 @@ class Mixture:
             labels, ranks = self._block(b)
             c = int(labels[slot])
             k = b * int(self._counts[c]) + int(ranks[slot])
-        return c, permuted_row(k, len(self._rows[c]), self._seeds[c])
+        n = len(self._rows[c])
+        return c, permuted_row(k, n, self._seeds[c]) if self._shuffle else k % n
 
     def read(self, first: int, count: int) -> dict:
         """Global rows [first, first + count), stacked."""
@@ -316,7 +318,7 @@ def train_iterator(config, process_index: int = 0, process_count: int = 1, threa
     corpora = open_corpora(config.data.source)
     check_seq_len(config, corpora)
     local = local_batch_size(config, process_count)
-    mixture = Mixture(corpora, config.seed if config.data.shuffle else 0)
+    mixture = Mixture(corpora, config.seed if config.data.shuffle else None)
     ds = grain.MapDataset.range(2**62).map(_StepRows(mixture, config.train.batch_size, process_index * local, local))
     return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=threads)))
 
