@@ -171,6 +171,8 @@ def prepare(source: str, tokenizer: str, seq_len: int, out: str, workers: int = 
             heldout_docs: int = 32, progress: bool | None = None,
             jsonl_piece_bytes: int = stream.JSONL_PIECE_BYTES) -> dict:
     """Prepares (or finishes preparing) `source` into `out`; returns the manifest."""
+    if not shard_mb > 0:
+        raise PrepareError(f"--shard_mb={shard_mb}: must be positive")
     if seq_len < 2:
         raise PrepareError(f"--seq_len={seq_len}: must be at least 2")
     if text_mode not in sources.TEXT_MODES:
@@ -188,8 +190,12 @@ def prepare(source: str, tokenizer: str, seq_len: int, out: str, workers: int = 
            **{k: v for k, v in settings.items() if k != "out"}}
     plan_path = os.path.join(out, PLAN)
     if os.path.isfile(plan_path):
-        with open(plan_path) as f:
-            old = json.load(f)
+        try:
+            with open(plan_path) as f:
+                old = json.load(f)
+            old["key"], old["shards"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise PrepareError(f"{plan_path!r} is corrupt ({type(e).__name__}); delete --out and prepare again") from e
         diff = sorted(k for k in set(key) | set(old["key"]) if old["key"].get(k) != key.get(k))
         if diff:
             raise PrepareError(f"--out {out!r} holds a prepare with other settings ({', '.join(diff)} differ); "
