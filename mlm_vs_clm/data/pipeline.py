@@ -30,7 +30,7 @@ from absl import flags, logging
 
 from mlm_vs_clm import cache
 from mlm_vs_clm.config import ConfigError
-from mlm_vs_clm.data import sources
+from mlm_vs_clm.data import prepared, sources
 from mlm_vs_clm.data.tokenizer import (
     Tokenizer,
     TokenizerError,
@@ -179,14 +179,14 @@ def packed_batches(
     it = _OneReaderState(it, worker_count)
     # Empty documents are dropped here, after the workers, so rows do not depend on them.
     it = it.filter(_DropEmpty(shard_docs, name))
-    it = grain.experimental.ConcatThenSplitIterDataset(it, length_struct={"tokens": seq_len})
-    return it.map(_rename).batch(batch_size, drop_remainder=True)
+    return pack_rows(it, seq_len).batch(batch_size, drop_remainder=True)
 
 
-def local_batch_size(config, process_count: int) -> int:
-    if config.train.batch_size % process_count:
-        raise ConfigError(f"train.batch_size={config.train.batch_size} is not divisible by {process_count} processes")
-    return config.train.batch_size // process_count
+def pack_rows(docs: grain.IterDataset, seq_len: int) -> grain.IterDataset:
+    """{'tokens': [n]} documents, in order -> rows {tokens, segment_ids, positions} of `seq_len`
+    (grain ConcatThenSplit; see the module docstring). `data.prepare` packs with this too."""
+    it = grain.experimental.ConcatThenSplitIterDataset(docs, length_struct={"tokens": seq_len})
+    return it.map(_rename)
 
 
 class _ProcessRows(grain.transforms.Map):
@@ -206,11 +206,13 @@ def train_iterator(config, tokenizer: Tokenizer, process_index: int = 0, process
     global batch, so the global batch does not depend on the number of processes (a run on
     2 hosts equals a run on 1). `data.shard_by_process=True` instead gives each process its
     own documents: less tokenization per host, but the batches depend on the process count.
+    A `prepared:` source is read by row index instead (`prepared.train_iterator`).
     """
+    if prepared.is_prepared(config.data.source):
+        return prepared.train_iterator(config, process_index, process_count)
     docs = documents(config, "train")
-    local = local_batch_size(config, process_count)
-    data_seed = config.data.get("seed", -1)  # -1: the run's seed (the data order changes with it)
-    seed = (config.seed if data_seed < 0 else data_seed) if config.data.shuffle else None
+    local = prepared.local_batch_size(config, process_count)
+    seed = prepared.order_seed(config)
     if config.data.get("shard_by_process", False):
         ds = packed_batches(
             docs, tokenizer, config.train.seq_len, local, seed=seed,
@@ -228,6 +230,8 @@ def train_iterator(config, tokenizer: Tokenizer, process_index: int = 0, process
 
 def validation_batches(config, tokenizer: Tokenizer, num_batches: int) -> list[dict]:
     """`num_batches` global batches (train.batch_size rows) of held-out rows, in a fixed order."""
+    if prepared.is_prepared(config.data.source):
+        return prepared.validation_batches(config, num_batches)
     docs = documents(config, "validation")
     ds = packed_batches(docs, tokenizer, config.train.seq_len, config.train.batch_size, seed=None)
     it = iter(ds)
@@ -269,7 +273,11 @@ def check_tokenizer(config, tokenizer: Tokenizer) -> None:
 def prepare_tokenizer(config, workdir: str | None = None) -> Tokenizer:
     """`data.tokenizer` if set; else the run's own copy (resume); else one trained on the
     training documents with `data.tokenizer_vocab_size` pieces, cached in the cache folder.
-    A copy goes to `workdir/tokenizer/`."""
+    A copy goes to `workdir/tokenizer/`. A `prepared:` source brings its own tokenizer."""
+    if prepared.is_prepared(config.data.source):
+        tokenizer = prepared.prepare_tokenizer(config, workdir)
+        check_tokenizer(config, tokenizer)
+        return tokenizer
     run_copy = os.path.join(workdir, "tokenizer") if workdir else None
     if config.data.tokenizer:
         tokenizer = load_tokenizer(config.data.tokenizer)

@@ -1,0 +1,293 @@
+"""Prepare a corpus once: tokenized, packed rows in ArrayRecord shards plus a manifest.
+
+    python -m mlm_vs_clm.data.prepare --source=SPEC --tokenizer=DIR --seq_len=N --out=DIR \
+        [--workers=N] [--seed=0] [--text_field=text] [--text_mode=file|blocks] [--shard_mb=128] \
+        [--heldout_every=64] [--heldout_docs=32]
+
+Then train with `--config.data.source=prepared:DIR` (`prepared.py`).
+
+How (see docs/data.md):
+1. The source is listed in pieces (`stream.py`: a Parquet row group, a 32 MB byte range of
+   a JSON-lines file, a text file, 4,096 documents of a tfds: source), reading only sizes
+   and Parquet footers.
+2. Two-level shuffle. Level 1: the pieces are permuted with `--seed` and dealt, in that
+   order, into shards of about `--shard_mb` MB of source text, so a shard mixes pieces from
+   all over the corpus. Level 2: a shard's documents are permuted with (seed, shard index).
+   Training then reads the rows in a seeded permutation of all rows, new each epoch.
+3. Every shard is one task of a pure function, `prepare_shard(index, pieces, settings)`:
+   it reads its pieces (memory: one shard of text), holds out documents 0, E, 2E, ... of
+   its shuffled order (at most `--heldout_docs`), tokenizes and packs the rest with the
+   training pipeline's own `packed_batches` (bos + ids + eos, same segments and positions),
+   and writes `train-NNNNN.array_record`, `validation-NNNNN.array_record` and, last,
+   `shard-NNNNN.json` (its counts), each to a temporary name renamed when complete.
+   A shard is done when its json names files of the recorded sizes.
+4. Local runs map the tasks over `--workers` processes; rerunning the same command after a
+   crash does only the shards not done, and gives the identical result (nothing in the
+   output depends on timing or the worker count). `manifest.json` is written last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+
+from mlm_vs_clm.data import prepared, sources, stream
+from mlm_vs_clm.data.sources import SourceError, SourceStats
+from mlm_vs_clm.data.tokenizer import TokenizerError, load_tokenizer
+
+PLAN = "plan.json"
+TMP = ".tmp-"
+
+
+class PrepareError(SourceError):
+    """The output folder or the arguments do not fit; the message names them."""
+
+
+def _atomic_write(path: str, text: str) -> None:
+    tmp = os.path.join(os.path.dirname(path), f"{TMP}{os.path.basename(path)}.{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def plan_shards(pieces: list[dict], seed: int, shard_bytes: int) -> list[list[dict]]:
+    """Level-1 shuffle: pieces in a seeded order, dealt into shards of about `shard_bytes`."""
+    shards, current, size = [], [], 0
+    for i in np.random.default_rng([int(seed), 1]).permutation(len(pieces)):
+        piece = pieces[int(i)]
+        if current and size + piece["bytes"] > shard_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(piece)
+        size += piece["bytes"]
+    if current:
+        shards.append(current)
+    return shards
+
+
+# -- the per-shard function (pure: its output depends only on its arguments) --------------------
+
+_tokenizers: dict = {}
+
+
+def _tokenizer(directory: str):
+    if directory not in _tokenizers:
+        _tokenizers[directory] = load_tokenizer(directory)
+    return _tokenizers[directory]
+
+
+def shard_texts(index: int, pieces: list[dict], settings: dict):
+    """(training texts in packing order, held-out texts, SourceStats) of shard `index`."""
+    stats = SourceStats()
+    texts = [t for p in pieces for t in stream.read_piece(p, settings["text_field"], settings["text_mode"], stats)]
+    texts = [texts[i] for i in np.random.default_rng([int(settings["seed"]), 2, index]).permutation(len(texts))]
+    every, cap = settings["heldout_every"], settings["heldout_docs"]
+    held = {j for j in range(0, len(texts), every)[:cap]} if every > 0 else set()
+    return [t for j, t in enumerate(texts) if j not in held], [texts[j] for j in sorted(held)], stats
+
+
+def packed_rows(texts: list[str], tokenizer, seq_len: int):
+    """Rows (tokens, segment_ids) of `texts` in order: tokenized and packed by the training
+    pipeline's own transforms (`_Tokenize`, `pack_rows`), in this thread."""
+    import grain
+
+    from mlm_vs_clm.data import pipeline
+
+    docs = grain.MapDataset.source(texts).map(pipeline._Tokenize(tokenizer))
+    for row in pipeline.pack_rows(docs.to_iter_dataset(grain.ReadOptions(num_threads=0)), seq_len):
+        yield row["tokens"], row["segment_ids"]
+
+
+def _write(path: str, rows, dtype: str) -> dict:
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    tmp = os.path.join(os.path.dirname(path), f"{TMP}{os.path.basename(path)}.{os.getpid()}")
+    writer = ArrayRecordWriter(tmp, "group_size:1,uncompressed")
+    n = tokens = 0
+    for row_tokens, segment_ids in rows:
+        writer.write(prepared.encode_row(row_tokens, segment_ids, dtype))
+        n, tokens = n + 1, tokens + int((segment_ids > 0).sum())
+    writer.close()
+    os.replace(tmp, path)
+    return {"file": os.path.basename(path), "rows": n, "tokens": tokens, "bytes": os.path.getsize(path)}
+
+
+def shard_names(index: int) -> tuple[str, str, str]:
+    return f"train-{index:05d}.array_record", f"validation-{index:05d}.array_record", f"shard-{index:05d}.json"
+
+
+def prepare_shard(index: int, pieces: list[dict], settings: dict) -> dict:
+    """Writes shard `index` into settings['out'] and returns its counts (also in shard-NNNNN.json)."""
+    out, seq_len, dtype = settings["out"], settings["seq_len"], settings["token_dtype"]
+    tokenizer = _tokenizer(os.path.join(out, prepared.TOKENIZER_DIR))
+    train, held, stats = shard_texts(index, pieces, settings)
+    train_name, val_name, json_name = shard_names(index)
+    info = {"index": index, "source_bytes": sum(p["bytes"] for p in pieces), "documents": len(train),
+            "heldout_documents": len(held), "skipped_empty": stats.skipped_empty,
+            "repaired_utf8": stats.repaired_utf8}
+    info["train"] = _write(os.path.join(out, train_name), packed_rows(train, tokenizer, seq_len), dtype)
+    info["validation"] = _write(os.path.join(out, val_name), packed_rows(held, tokenizer, seq_len), dtype)
+    _atomic_write(os.path.join(out, json_name), json.dumps(info, sort_keys=True))
+    return info
+
+
+def _run_shard(args):
+    index, pieces, settings = args
+    return prepare_shard(index, pieces, settings)
+
+
+def shard_done(out: str, index: int) -> dict | None:
+    """The shard's counts if it is complete: its json names files of the recorded sizes."""
+    try:
+        with open(os.path.join(out, shard_names(index)[2])) as f:
+            info = json.load(f)
+        for part in ("train", "validation"):
+            if os.path.getsize(os.path.join(out, info[part]["file"])) != info[part]["bytes"]:
+                return None
+        return info
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+# -- the command ----------------------------------------------------------------------------------
+
+def source_fingerprint(spec: str) -> str:
+    return hashlib.sha256(json.dumps([spec, sources.fingerprint(spec)]).encode()).hexdigest()[:16]
+
+
+def prepare(source: str, tokenizer: str, seq_len: int, out: str, workers: int = 1, seed: int = 0,
+            text_field: str = "text", text_mode: str = "file", shard_mb: float = 128, heldout_every: int = 64,
+            heldout_docs: int = 32, progress: bool | None = None,
+            jsonl_piece_bytes: int = stream.JSONL_PIECE_BYTES) -> dict:
+    """Prepares (or finishes preparing) `source` into `out`; returns the manifest."""
+    if not shard_mb > 0:
+        raise PrepareError(f"--shard_mb={shard_mb}: must be positive")
+    if seq_len < 2:
+        raise PrepareError(f"--seq_len={seq_len}: must be at least 2")
+    if text_mode not in sources.TEXT_MODES:
+        raise PrepareError(f"--text_mode={text_mode!r}: not one of {sources.TEXT_MODES}")
+    tok = load_tokenizer(tokenizer)
+    out = os.path.abspath(out)
+    os.makedirs(out, exist_ok=True)
+    settings = {"out": out, "seq_len": int(seq_len), "seed": int(seed), "text_field": text_field,
+                "text_mode": text_mode, "heldout_every": int(heldout_every), "heldout_docs": int(heldout_docs),
+                "token_dtype": prepared.token_dtype(tok.vocab_size)}
+    jsonl_piece_bytes = min(int(jsonl_piece_bytes), int(shard_mb * 2**20))  # a piece fits in a shard
+    key = {"format_version": prepared.FORMAT_VERSION, "source": source,
+           "source_fingerprint": source_fingerprint(source), "tokenizer_fingerprint": prepared.tokenizer_fingerprint(tok),
+           "shard_bytes": int(shard_mb * 2**20), "jsonl_piece_bytes": int(jsonl_piece_bytes),
+           **{k: v for k, v in settings.items() if k != "out"}}
+    plan_path = os.path.join(out, PLAN)
+    if os.path.isfile(plan_path):
+        try:
+            with open(plan_path) as f:
+                old = json.load(f)
+            old["key"], old["shards"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise PrepareError(f"{plan_path!r} is corrupt ({type(e).__name__}); delete --out and prepare again") from e
+        diff = sorted(k for k in set(key) | set(old["key"]) if old["key"].get(k) != key.get(k))
+        if diff:
+            raise PrepareError(f"--out {out!r} holds a prepare with other settings ({', '.join(diff)} differ); "
+                               "use a new --out or delete it")
+        shards = old["shards"]
+    else:
+        if [f for f in os.listdir(out) if f != prepared.TOKENIZER_DIR and not f.startswith(TMP)]:
+            raise PrepareError(f"--out {out!r} is not empty and holds no {PLAN}; use a new --out")
+        pieces = stream.list_pieces(source, text_field, jsonl_piece_bytes)
+        shards = plan_shards(pieces, seed, key["shard_bytes"])
+        tmp_tok = os.path.join(out, f"{TMP}{prepared.TOKENIZER_DIR}")
+        shutil.rmtree(tmp_tok, ignore_errors=True)
+        tok.save(tmp_tok)
+        shutil.rmtree(os.path.join(out, prepared.TOKENIZER_DIR), ignore_errors=True)  # a crash before the plan
+        os.replace(tmp_tok, os.path.join(out, prepared.TOKENIZER_DIR))
+        _atomic_write(plan_path, json.dumps({"key": key, "shards": shards}, sort_keys=True))
+    for leftover in glob.glob(os.path.join(out, f"{TMP}*")):  # a crashed run's half-written files
+        shutil.rmtree(leftover) if os.path.isdir(leftover) else os.remove(leftover)
+
+    pending = [i for i in range(len(shards)) if shard_done(out, i) is None]
+    start = time.perf_counter()
+    done_tokens = done_docs = 0
+    from tqdm import tqdm
+
+    bar = tqdm(total=sum(p["bytes"] for i in pending for p in shards[i]), unit="B", unit_scale=True,
+               desc="prepare", disable=None if progress is None else not progress,
+               file=sys.stderr)
+    tasks = [(i, shards[i], settings) for i in pending]
+    workers = max(1, min(int(workers), len(tasks) or 1))
+    pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
+    try:
+        results = pool.imap_unordered(_run_shard, tasks) if pool else map(_run_shard, tasks)
+        for info in results:
+            done_tokens += info["train"]["tokens"] + info["validation"]["tokens"]
+            done_docs += info["documents"] + info["heldout_documents"]
+            rate = done_tokens / max(time.perf_counter() - start, 1e-9)
+            bar.set_postfix(docs=f"{done_docs:,}", tok_s=f"{rate:,.0f}", refresh=False)
+            bar.update(info["source_bytes"])
+    finally:
+        if pool:
+            pool.terminate()
+        bar.close()
+    elapsed = time.perf_counter() - start
+
+    infos = [shard_done(out, i) for i in range(len(shards))]
+    missing = [shard_names(i)[2] for i, info in enumerate(infos) if info is None]
+    if missing:
+        raise PrepareError(f"prepare {out!r}: shards {', '.join(missing[:5])} did not complete; run it again")
+    manifest = {
+        "format_version": prepared.FORMAT_VERSION, "seq_len": int(seq_len), "token_dtype": settings["token_dtype"],
+        "seed": int(seed), "settings": key,
+        "source": {"spec": source, "fingerprint": key["source_fingerprint"], "text_field": text_field,
+                   "text_mode": text_mode, "pieces": sum(len(s) for s in shards)},
+        "tokenizer": {"fingerprint": key["tokenizer_fingerprint"], "dir": prepared.TOKENIZER_DIR,
+                      "kind": tok.kind, "vocab_size": int(tok.vocab_size)},
+        "skipped_empty": sum(i["skipped_empty"] for i in infos),
+        "repaired_utf8": sum(i["repaired_utf8"] for i in infos),
+    }
+    for part, docs in (("train", "documents"), ("validation", "heldout_documents")):
+        manifest[part] = {"rows": sum(i[part]["rows"] for i in infos), "tokens": sum(i[part]["tokens"] for i in infos),
+                          "documents": sum(i[docs] for i in infos), "shards": [i[part] for i in infos]}
+    _atomic_write(os.path.join(out, prepared.MANIFEST), json.dumps(manifest, indent=1, sort_keys=True))
+    t, v = manifest["train"], manifest["validation"]
+    print(f"prepared {out}: {t['rows']:,} rows of {seq_len} ({t['tokens']:,} tokens, {t['documents']:,} documents) "
+          f"in {len(shards)} shards, {v['rows']:,} held-out rows; {len(pending)} shards written now "
+          f"({done_tokens / max(elapsed, 1e-9):,.0f} tokens/s, {workers} workers), "
+          f"{len(shards) - len(pending)} already done", flush=True)
+    return manifest
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m mlm_vs_clm.data.prepare", description=__doc__.split("\n")[0])
+    p.add_argument("--source", required=True, help="anything data.source takes (paths, globs, tfds:NAME, demo)")
+    p.add_argument("--tokenizer", required=True, help="a tokenizer folder (python -m mlm_vs_clm.data.tokenizer)")
+    p.add_argument("--seq_len", type=int, required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--text_field", default="text")
+    p.add_argument("--text_mode", default="file")
+    p.add_argument("--shard_mb", type=float, default=128.0, help="source text per shard (memory of one worker)")
+    p.add_argument("--heldout_every", type=int, default=64, help="hold out every Nth document of a shard (0: none)")
+    p.add_argument("--heldout_docs", type=int, default=32, help="at most this many held-out documents per shard")
+    a = p.parse_args(argv)
+    try:
+        prepare(a.source, a.tokenizer, a.seq_len, a.out, a.workers, a.seed, a.text_field, a.text_mode,
+                a.shard_mb, a.heldout_every, a.heldout_docs)
+    except (SourceError, TokenizerError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

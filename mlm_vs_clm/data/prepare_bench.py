@@ -1,0 +1,186 @@
+"""Benchmarks of the prepared-corpus path (numbers for docs/data.md; not a test).
+
+    python -m mlm_vs_clm.data.prepare_bench [--dir=/tmp/prepare_bench] [--loader_rows=8192]
+        [--batch=2304] [--seconds=5] [--text_mb=8,64] [--vocab=8000] [--shard_mb=4]
+
+- loader: rows/s of process 0 of P = 1, 8, 64 simulated processes reading a synthetic
+  prepared corpus at seq_len 2,048 (random tokens, uint16, from local disk / page cache),
+  global batch `--batch` rows, and the bytes it reads per step;
+- prepare: tokens/s of the bare tokenizer (`encode`, one core) on synthetic text, of
+  `prepare_shard` on one shard of it in this process (one worker's rate), and of the whole
+  command with 1 and 2 workers, with the peak RSS of its largest process, per corpus size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from mlm_vs_clm.data import prepare, prepared
+
+
+def write_synthetic_corpus(out: str, rows: int, seq_len: int, shards: int = 8, vocab: int = 32000, seed: int = 0):
+    """A prepared corpus of random rows (2-4 segments each), readable by `prepared.Corpus`."""
+    os.makedirs(out, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    infos = []
+    for s in range(shards):
+        n = rows // shards + (s < rows % shards)
+
+        def gen(n=n):
+            for _ in range(n):
+                cuts = np.sort(rng.choice(np.arange(1, seq_len), size=int(rng.integers(1, 4)), replace=False))
+                seg = np.zeros(seq_len, np.int32)
+                for i, (a, b) in enumerate(zip([0, *cuts], [*cuts, seq_len])):
+                    seg[a:b] = i + 1
+                yield rng.integers(5, vocab, seq_len).astype(np.int32), seg
+
+        infos.append(prepare._write(os.path.join(out, f"train-{s:05d}.array_record"), gen(), "uint16"))
+    manifest = {"format_version": prepared.FORMAT_VERSION, "seq_len": seq_len, "token_dtype": "uint16",
+                "tokenizer": {"fingerprint": "synthetic"},
+                "train": {"rows": rows, "shards": infos}, "validation": {"rows": 0, "shards": []}}
+    with open(os.path.join(out, prepared.MANIFEST), "w") as f:
+        json.dump(manifest, f)
+    return out
+
+
+def loader_rows_per_second(corpus_dir: str, processes: int, batch: int, seconds: float, seq_len: int) -> dict:
+    from mlm_vs_clm.config import load_config
+
+    config = load_config("configs/pretrain.py:tiny", {"data.source": f"prepared:{corpus_dir}",
+                                                      "train.batch_size": batch, "train.seq_len": seq_len})
+    prepared._corpora.clear()
+    it = prepared.train_iterator(config, 0, processes)
+    first = next(it)
+    local = first["tokens"].shape[0]
+    record = os.path.getsize(os.path.join(corpus_dir, "train-00000.array_record"))
+    rows_in_file = prepared.Corpus(corpus_dir).manifest["train"]["shards"][0]["rows"]
+    steps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        next(it)
+        steps += 1
+    elapsed = time.perf_counter() - start
+    import resource
+
+    return {"processes": processes, "rows_per_step": local, "rows_per_second": steps * local / elapsed,
+            "bytes_per_step": int(local * record / rows_in_file),
+            "peak_rss_mb_so_far": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def synthetic_text(path: str, mb: float, seed: int = 0) -> str:
+    """JSON lines of Zipf-distributed pseudo-words, ~`mb` MB, documents of 50-2,000 words."""
+    rng = np.random.default_rng(seed)
+    letters = np.array(list("etaoinshrdlucmfwypvbgkqjxz"))
+    words = ["".join(rng.choice(letters, size=int(rng.integers(1, 10)))) for _ in range(20000)]
+    weights = 1.0 / np.arange(1, len(words) + 1)
+    weights /= weights.sum()
+    size = 0
+    with open(path, "w") as f:
+        while size < mb * 2**20:
+            doc = " ".join(rng.choice(words, size=int(rng.integers(50, 2000)), p=weights)).capitalize() + "."
+            line = json.dumps({"text": doc}) + "\n"
+            f.write(line)
+            size += len(line)
+    return path
+
+
+def _prepare_subprocess(source: str, tok: str, out: str, workers: int, shard_mb: float, seq_len: int) -> dict:
+    code = ("import resource, sys, time\nfrom mlm_vs_clm.data import prepare\nif __name__ == '__main__':\n"
+            "    t = time.perf_counter()\n"
+            f"    prepare.prepare({source!r}, {tok!r}, {seq_len}, {out!r}, workers={workers}, shard_mb={shard_mb}, "
+            "progress=False)\n"
+            "    r = resource.getrusage\n"
+            "    print('BENCH', time.perf_counter() - t, max(r(resource.RUSAGE_SELF).ru_maxrss, "
+            "r(resource.RUSAGE_CHILDREN).ru_maxrss))\n")
+    shutil.rmtree(out, ignore_errors=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
+    line = [x for x in res.stdout.splitlines() if x.startswith("BENCH")]
+    if not line:
+        raise RuntimeError(res.stderr[-2000:])
+    seconds, rss_kb = float(line[0].split()[1]), int(line[0].split()[2])
+    with open(os.path.join(out, prepared.MANIFEST)) as f:
+        m = json.load(f)
+    tokens = m["train"]["tokens"] + m["validation"]["tokens"]
+    # Steady state, without process start-up: tokens of the shards finished after the first
+    # `workers` ones, over the time between those finishing times.
+    done = sorted((os.path.getmtime(os.path.join(out, prepare.shard_names(i)[2])), info["tokens"] + v["tokens"])
+                  for i, (info, v) in enumerate(zip(m["train"]["shards"], m["validation"]["shards"])))
+    steady = (sum(t for _, t in done[workers:]) / (done[-1][0] - done[workers - 1][0])
+              if len(done) > workers and done[-1][0] > done[workers - 1][0] else float("nan"))
+    return {"workers": workers, "seconds": seconds, "tokens": tokens, "tokens_per_second": tokens / seconds,
+            "steady_tokens_per_second": steady, "shards": len(done), "peak_rss_mb": rss_kb / 1024}
+
+
+def prepare_rates(work: str, text_mb: list[float], vocab: int, seq_len: int, shard_mb: float) -> list[dict]:
+    from mlm_vs_clm.data import stream
+    from mlm_vs_clm.data.tokenizer import load_tokenizer, train_tokenizer
+
+    out = []
+    tok_dir = os.path.join(work, "tok")
+    for mb in text_mb:
+        src = synthetic_text(os.path.join(work, f"text{mb:g}.jsonl"), mb)
+        if not os.path.isdir(tok_dir):
+            texts = list(stream.read_piece({"kind": "jsonl", "path": src, "start": 0, "end": 8 << 20}))
+            train_tokenizer(texts, vocab, tok_dir)
+        tok = load_tokenizer(tok_dir)
+        piece = {"kind": "jsonl", "path": src, "start": 0, "end": int(shard_mb * 2**20), "bytes": int(shard_mb * 2**20)}
+        texts = list(stream.read_piece(piece))
+        shard_out = os.path.join(work, "shard")
+        settings = {"out": shard_out, "seq_len": seq_len, "seed": 0, "text_field": "text", "text_mode": "file",
+                    "heldout_every": 64, "heldout_docs": 32, "token_dtype": "uint16"}
+        bare = one_shard = 0.0
+        for _ in range(3):  # interleaved, best of 3: the machine is shared, so timings are noisy
+            t = time.perf_counter()
+            bare = max(bare, sum(len(tok.encode(x)) + 2 for x in texts) / (time.perf_counter() - t))
+            shutil.rmtree(shard_out, ignore_errors=True)
+            os.makedirs(shard_out)
+            tok.save(os.path.join(shard_out, prepared.TOKENIZER_DIR))
+            t = time.perf_counter()
+            info = prepare.prepare_shard(0, [piece], settings)
+            tokens = info["train"]["tokens"] + info["validation"]["tokens"]
+            one_shard = max(one_shard, tokens / (time.perf_counter() - t))
+        row = {"text_mb": mb, "bare_encode_tokens_per_second": bare, "prepare_shard_tokens_per_second": one_shard}
+        for workers in (1, 2):
+            row[f"workers_{workers}"] = _prepare_subprocess(src, tok_dir, os.path.join(work, f"out{workers}"),
+                                                             workers, shard_mb, seq_len)
+        out.append(row)
+        print(json.dumps(row), flush=True)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m mlm_vs_clm.data.prepare_bench", description=__doc__.split("\n")[0])
+    p.add_argument("--dir", default="/tmp/prepare_bench")
+    p.add_argument("--loader_rows", type=int, default=8192)
+    p.add_argument("--batch", type=int, default=2304)
+    p.add_argument("--seconds", type=float, default=5.0)
+    p.add_argument("--seq_len", type=int, default=2048)
+    p.add_argument("--processes", default="1,8,64")
+    p.add_argument("--text_mb", default="8,64")
+    p.add_argument("--vocab", type=int, default=8000)
+    p.add_argument("--shard_mb", type=float, default=4.0)
+    p.add_argument("--skip", default="", help="loader or prepare")
+    a = p.parse_args(argv)
+    os.makedirs(a.dir, exist_ok=True)
+    if a.skip != "loader":
+        corpus = os.path.join(a.dir, "rows")
+        shutil.rmtree(corpus, ignore_errors=True)
+        write_synthetic_corpus(corpus, a.loader_rows, a.seq_len)
+        for procs in [int(x) for x in a.processes.split(",")]:
+            print(json.dumps({"loader": loader_rows_per_second(corpus, procs, a.batch, a.seconds, a.seq_len)}),
+                  flush=True)
+    if a.skip != "prepare":
+        prepare_rates(a.dir, [float(x) for x in a.text_mb.split(",")], a.vocab, a.seq_len, a.shard_mb)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
