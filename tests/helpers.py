@@ -1,5 +1,9 @@
 """Small builders shared by the tests."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 
 from mlm_vs_clm.config import load_config
@@ -39,3 +43,13 @@ def accum_tol(n: int, eps: float = EPS32) -> float:
     value (n roundings of at most eps/2), whatever order a CPU's kernels add the terms in."""
     return n * eps
 
+
+
+def run_command(module: str, argv: list[str], timeout: int = 300):
+    """`python -m mlm_vs_clm.MODULE ARGV...` in a process of its own (absl flags are global to a
+    process, and several commands define flags of the same name); returns the CompletedProcess."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=repo)
+    return subprocess.run([sys.executable, "-m", f"mlm_vs_clm.{module}", *argv], cwd=repo, env=env,
+                          capture_output=True, text=True, timeout=timeout, check=False)

@@ -16,6 +16,7 @@ import pytest
 from mlm_vs_clm.config import ConfigError, load_config
 from mlm_vs_clm.data import pipeline, prepare, prepared, sources
 from mlm_vs_clm.data import tokenizer as tk
+from tests.helpers import run_command
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEQ = 32
@@ -255,10 +256,10 @@ def test_errors_are_one_line_naming_the_file(ref, tok_dir, corpus, tmp_path, cap
         pipeline.train_iterator(_config(ref, **{"train.seq_len": 64}), None)
 
     # The command: one line on stderr, exit 2.
-    assert prepare.main([f"--source={tmp_path}/nothing*.txt", f"--tokenizer={tok_dir}", "--seq_len=32",
-                         f"--out={tmp_path}/o1"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "matches no files" in err
-    assert prepare.main([f"--source={corpus}", f"--tokenizer={tok_dir}", "--seq_len=64", f"--out={ref}"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "seq_len" in err and ref in err
+    proc = run_command("data.prepare", [f"--source={tmp_path}/nothing*.txt", f"--tokenizer={tok_dir}",
+                                         "--seq_len=32", f"--out={tmp_path}/o1"])
+    err = proc.stderr.strip()
+    assert proc.returncode == 2 and err.count("\n") == 0 and "matches no files" in err, err
+    proc = run_command("data.prepare", [f"--source={corpus}", f"--tokenizer={tok_dir}", "--seq_len=64", f"--out={ref}"])
+    err = proc.stderr.strip()
+    assert proc.returncode == 2 and err.count("\n") == 0 and "seq_len" in err and ref in err, err

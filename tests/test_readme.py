@@ -15,7 +15,6 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLACEHOLDERS = {"SUITE": "news", "PRESET": "tiny", "SIZE": "tiny", "NAME": "micro"}
-ABSL_MODULES = {"train", "finetune", "sweep", "replicate", "demo", "bench", "aot"}
 # Runs the module as `python -m` would, with absl's app.run replaced by "parse the flags and stop".
 PARSE = """
 import runpy, sys
@@ -38,11 +37,9 @@ def _commands():
     for path in [os.path.join(REPO, "README.md"), *sorted(glob.glob(os.path.join(REPO, "docs", "*.md")))]:
         with open(path) as f:
             text = f.read().replace("\\\n", " ")
-        for m in re.finditer(r"python -m (mlm_vs_clm\.[a-z_]+)([^`\n#]*)", text):
+        for m in re.finditer(r"python -m (mlm_vs_clm(?:\.[a-z_]+)+)([^`\n#]*)", text):
             module, args = m.group(1), m.group(2).strip()
-            name = module.split(".")[1]
-            if name not in ABSL_MODULES:
-                continue
+            name = module.split(".", 1)[1]
             argv = [a for a in shlex.split(args.split("(")[0] if args.count("'") % 2 else args)
                     if not a.startswith(("[", "..."))]
             argv = [a for a in argv if a not in ("|", "&&")]

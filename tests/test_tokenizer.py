@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from mlm_vs_clm.data import tokenizer as tk
+from tests.helpers import run_command
 
 WORDS = ["the", "market", "report", "said", "growth", "in", "the", "second", "quarter", "was", "strong", "while", "ministers", "debated", "the", "budget", "and", "the", "team", "won", "the", "final", "match", "at", "home", "café", "naïve", "Zürich", "Ελλάδα", "Москва", "東京", "新闻", "🙂"]
 
@@ -154,8 +155,10 @@ def test_command_line(tmp_path, capsys):
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("\n".join(json.dumps({"body": t}) for t in make_texts(150)))
     out = tmp_path / "out"
-    rc = tk.main([f"--input={corpus}", "--vocab_size=400", f"--out={out}", "--text_field=body", "--model_type=bpe"])
-    assert rc == 0
+    proc = run_command("data.tokenizer", [f"--input={corpus}", "--vocab_size=400", f"--out={out}",
+                                           "--text_field=body", "--model_type=bpe"])
+    assert proc.returncode == 0, proc.stderr
     assert tk.load_tokenizer(str(out)).vocab_size == 400
-    rc = tk.main([f"--input={tmp_path / 'missing.txt'}", "--vocab_size=300", f"--out={out}"])
-    assert rc == 2 and "missing.txt" in capsys.readouterr().err
+    proc = run_command("data.tokenizer", [f"--input={tmp_path / 'missing.txt'}", "--vocab_size=300", f"--out={out}"])
+    err = proc.stderr.strip()
+    assert proc.returncode == 2 and "missing.txt" in err and err.count("\n") == 0, err

@@ -292,33 +292,3 @@ def train_tokenizer(
     if out_dir:
         tokenizer.save(out_dir)
     return tokenizer
-
-
-def main(argv=None) -> int:
-    import argparse
-    import sys
-
-    from mlm_vs_clm.data import sources
-
-    parser = argparse.ArgumentParser(prog="python -m mlm_vs_clm.data.tokenizer", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--input", required=True, help="data source: path, glob, tfds:NAME[:SPLIT] or demo")
-    parser.add_argument("--vocab_size", type=int, required=True)
-    parser.add_argument("--out", required=True, help="output directory (gets spiece.model)")
-    parser.add_argument("--model_type", default="unigram", choices=("unigram", "bpe"))
-    parser.add_argument("--text_field", default="text", help="JSONL field / Parquet column / TFDS feature")
-    parser.add_argument("--text_mode", default="file", choices=sources.TEXT_MODES)
-    parser.add_argument("--exact", action="store_true", help="fail unless exactly vocab_size pieces are reached")
-    parser.add_argument("--max_chars", type=int, default=200_000_000, help="train on at most this much text")
-    args = parser.parse_args(argv)
-    try:
-        source = sources.open_source(args.input, args.text_field, args.text_mode)
-        tok = train_tokenizer(sources.sample_texts(source, args.max_chars), args.vocab_size, args.out, args.model_type, args.exact)
-    except (sources.SourceError, TokenizerError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {os.path.join(args.out, MODEL_FILE)} ({tok.vocab_size} pieces, special ids {tok.special_ids})")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -28,7 +28,6 @@ How (see docs/data.md):
 
 from __future__ import annotations
 
-import argparse
 import glob
 import hashlib
 import json
@@ -42,7 +41,7 @@ import numpy as np
 
 from mlm_vs_clm.data import prepared, sources, stream
 from mlm_vs_clm.data.sources import SourceError, SourceStats
-from mlm_vs_clm.data.tokenizer import TokenizerError, load_tokenizer
+from mlm_vs_clm.data.tokenizer import load_tokenizer
 
 PLAN = "plan.json"
 TMP = ".tmp-"
@@ -264,30 +263,3 @@ def prepare(source: str, tokenizer: str, seq_len: int, out: str, workers: int = 
           f"({done_tokens / max(elapsed, 1e-9):,.0f} tokens/s, {workers} workers), "
           f"{len(shards) - len(pending)} already done", flush=True)
     return manifest
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mlm_vs_clm.data.prepare", description=__doc__.split("\n")[0])
-    p.add_argument("--source", required=True, help="anything data.source takes (paths, globs, tfds:NAME, demo)")
-    p.add_argument("--tokenizer", required=True, help="a tokenizer folder (python -m mlm_vs_clm.data.tokenizer)")
-    p.add_argument("--seq_len", type=int, required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--text_field", default="text")
-    p.add_argument("--text_mode", default="file")
-    p.add_argument("--shard_mb", type=float, default=128.0, help="source text per shard (memory of one worker)")
-    p.add_argument("--heldout_every", type=int, default=64, help="hold out every Nth document of a shard (0: none)")
-    p.add_argument("--heldout_docs", type=int, default=32, help="at most this many held-out documents per shard")
-    a = p.parse_args(argv)
-    try:
-        prepare(a.source, a.tokenizer, a.seq_len, a.out, a.workers, a.seed, a.text_field, a.text_mode,
-                a.shard_mb, a.heldout_every, a.heldout_docs)
-    except (SourceError, TokenizerError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

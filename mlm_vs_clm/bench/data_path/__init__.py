@@ -1,6 +1,6 @@
 """Benchmarks of the prepared-corpus path (numbers for docs/data.md; not a test).
 
-    python -m mlm_vs_clm.data.prepare_bench [--dir=/tmp/prepare_bench] [--loader_rows=8192]
+    python -m mlm_vs_clm.bench.data_path [--dir=/tmp/prepare_bench] [--loader_rows=8192]
         [--batch=2304] [--seconds=5] [--text_mb=8,64] [--vocab=8000] [--shard_mb=4]
 
 - loader: rows/s of process 0 of P = 1, 8, 64 simulated processes reading a synthetic
@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -154,33 +153,3 @@ def prepare_rates(work: str, text_mb: list[float], vocab: int, seq_len: int, sha
         out.append(row)
         print(json.dumps(row), flush=True)
     return out
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mlm_vs_clm.data.prepare_bench", description=__doc__.split("\n")[0])
-    p.add_argument("--dir", default="/tmp/prepare_bench")
-    p.add_argument("--loader_rows", type=int, default=8192)
-    p.add_argument("--batch", type=int, default=2304)
-    p.add_argument("--seconds", type=float, default=5.0)
-    p.add_argument("--seq_len", type=int, default=2048)
-    p.add_argument("--processes", default="1,8,64")
-    p.add_argument("--text_mb", default="8,64")
-    p.add_argument("--vocab", type=int, default=8000)
-    p.add_argument("--shard_mb", type=float, default=4.0)
-    p.add_argument("--skip", default="", help="loader or prepare")
-    a = p.parse_args(argv)
-    os.makedirs(a.dir, exist_ok=True)
-    if a.skip != "loader":
-        corpus = os.path.join(a.dir, "rows")
-        shutil.rmtree(corpus, ignore_errors=True)
-        write_synthetic_corpus(corpus, a.loader_rows, a.seq_len)
-        for procs in [int(x) for x in a.processes.split(",")]:
-            print(json.dumps({"loader": loader_rows_per_second(corpus, procs, a.batch, a.seconds, a.seq_len)}),
-                  flush=True)
-    if a.skip != "prepare":
-        prepare_rates(a.dir, [float(x) for x in a.text_mb.split(",")], a.vocab, a.seq_len, a.shard_mb)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
