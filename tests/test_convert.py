@@ -62,14 +62,20 @@ def _hf_llama(path, kv=2, tied=False, llama3=False, tokenizer="reserved", vocab=
         bos_token_id=tok.token_to_id("<|begin_of_text|>"), eos_token_id=tok.token_to_id("<|end_of_text|>"),
     )
     model = transformers.LlamaForCausalLM(cfg).eval()
+    _randomize_and_save(model, tok, path, {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"})
+    return model
+
+
+def _randomize_and_save(model, tok, path, tokenizer_config: dict) -> None:
+    """Weights drawn wide enough (sd 0.3) that a wrong mapping shows in the logits; the folder as
+    transformers writes it, with the tokenizer beside it."""
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.3)
     model.save_pretrained(path)
     tok.save(os.path.join(path, "tokenizer.json"))
     with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
-        json.dump({"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"}, f)
-    return model
+        json.dump(tokenizer_config, f)
 
 
 def _ours(params, cfg: ModelConfig, tokens_BxL, mask_mode, segment_ids_BxL=None):
@@ -425,13 +431,8 @@ def _hf_eurobert(path, auto_map=False, relabel_llama=False):
         pad_token_id=tok.token_to_id("<|end_of_text|>"), mask_token_id=tok.token_to_id("<mask>"),
     )
     model = transformers.EuroBertForMaskedLM(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.3)
-    model.save_pretrained(path)
-    tok.save(os.path.join(path, "tokenizer.json"))
-    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
-        json.dump({"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>", "mask_token": "<mask>"}, f)
+    _randomize_and_save(model, tok, path,
+                        {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>", "mask_token": "<mask>"})
     saved = json.load(open(os.path.join(path, "config.json")))
     if auto_map:
         saved["auto_map"] = {"AutoModelForMaskedLM": "modeling_eurobert.EuroBertForMaskedLM"}
