@@ -1,4 +1,5 @@
-"""Install mlm_vs_clm: `pip install -e .` (add `[hf]` for Hugging Face conversion, `[dev]` for tests)."""
+"""Install mlm_vs_clm: `pip install -e .` (add `[hf]` for Hugging Face conversion, `[dev]` for tests, `[tpu]`
+to compile for TPU topologies on any machine: `python -m mlm_vs_clm.aot --platform=tpu --topology=...`)."""
 
 from setuptools import find_packages, setup
 
@@ -32,5 +33,7 @@ setup(
         # torch is pinned so that pip takes the CPU wheel instead of resolving a CUDA build.
         "hf": ["torch==2.13.0", "transformers>=5.0", "safetensors>=0.4"],
         "dev": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.5", "portpicker>=1.6"],
+        # The libtpu that `jax[tpu]` pins for jax 0.10.2 (~680 MB): TPU's compiler, no TPU needed.
+        "tpu": ["libtpu==0.0.42.*"],
     },
 )

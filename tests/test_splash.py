@@ -12,12 +12,14 @@ most 2*p*e. In bf16 the kernel also rounds its inputs' products' weights (p and 
 before the second product (eps16 relative each) and its outputs (eps16/2).
 """
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from helpers import EPS16, EPS32, accum_tol
+from jax.sharding import AxisType
+
 from mlm_vs_clm import model
 from mlm_vs_clm.kernels import tpu
 
@@ -113,7 +115,7 @@ def test_splash_matches_xla_attention_forward_and_gradients(causal, dtype):
         excess = np.abs(g - r) - bound
         assert np.all(excess <= 0), (name, float(np.max(np.abs(g - r))), float(np.max(excess)))
         if name == "o":  # not vacuous: the bound is well below the outputs (a wrong mask is not within it)
-            assert np.median(bound) < (0.01 if dtype == "float32" else 0.2) * np.median(np.abs(r))
+            assert np.median(bound) < (0.05 if dtype == "float32" else 0.25) * np.median(np.abs(r))
     # padding: zero output and zero gradients of the padded positions' q, k, v
     pad = seg == 0
     for x in got:
@@ -123,9 +125,6 @@ def test_splash_matches_xla_attention_forward_and_gradients(causal, dtype):
 def test_splash_under_a_mesh_runs_in_shard_map_and_matches():
     """On a 2 x 2 mesh (rows over data x fsdp... here 'data' and 'tensor' for the heads), the
     shard_map'd kernel gives the unsharded result."""
-    import flax.linen as nn
-    from jax.sharding import AxisType
-
     devices = jax.devices()
     if len(devices) < 4:
         pytest.skip("needs 4 CPU devices (tests/conftest.py sets them)")
@@ -144,6 +143,7 @@ def test_splash_under_a_mesh_runs_in_shard_map_and_matches():
 
 
 def test_block_sizes():
-    assert tpu.block_size(2048) == 512 and tpu.block_size(64) == 64 and tpu.block_size(384) == 128
+    assert tpu.block_size(2048) == 512 and tpu.block_size(384) == 128 and tpu.block_size(128) == 128
+    assert tpu.supported(2048) and not tpu.supported(64)
     with pytest.raises(ValueError, match="multiple of 128"):
         tpu.block_size(200)

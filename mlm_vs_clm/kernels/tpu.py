@@ -15,6 +15,7 @@ and applies the packed rows' segment ids (`SegmentIds`) inside each block it com
   `jax.shard_map`: rows split as the model's `activation_batch` axis, heads as
   `activation_heads` (the logical-axis rules of the config), each device on its own rows.
 - Off a TPU (tests on a CPU) the kernel runs in Pallas's interpret mode: same function, slow.
+- Rows must be a multiple of 128 long (the kernel's tile); shorter rows take XLA's attention.
 
 Block sizes: `block_sizes` (chosen in docs/scaling.md, "Splash attention").
 """
@@ -43,11 +44,13 @@ def _splash():
     return splash_attention
 
 
+def supported(seq_len: int) -> bool:
+    """Whether the kernel takes rows of this length: a multiple of 128, its smallest tile."""
+    return seq_len % 128 == 0
+
+
 def block_size(seq_len: int, limit: int = BLOCK) -> int:
-    """The largest power-of-two block <= limit that divides seq_len (the length itself when it is
-    shorter than 128, the smallest tile the kernel accepts)."""
-    if seq_len <= 128:
-        return seq_len
+    """The largest power-of-two block in [128, limit] that divides seq_len."""
     b = limit
     while b > 128 and seq_len % b:
         b //= 2
@@ -98,7 +101,13 @@ def attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segment_ids_BxL, causal: bool, bl
               interpret: bool | None = None):
     """`splash` on the rows of every device: inside `jax.shard_map` over the context mesh (set by
     `jax.set_mesh`), rows and heads split as the logical-axis rules split the model's
-    activations; a plain call without a mesh."""
+    activations; a plain call without a mesh. Rows whose length is not a multiple of 128 (the
+    `tiny` preset's) take XLA's attention with the dense segment mask instead."""
+    if not supported(q_BxLxNxH.shape[1]):
+        seg = segment_ids_BxL
+        mask_Bx1xLxL = ((seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] > 0))[:, None]
+        o = jax.nn.dot_product_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask=mask_Bx1xLxL, is_causal=causal)
+        return jnp.where((seg > 0)[:, :, None, None], o, jnp.zeros((), o.dtype))
     fn = functools.partial(splash, causal=causal, block=block, interpret=interpret)
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
