@@ -51,7 +51,7 @@ aot_topology() {  # v5p-128 -> v5p:4x4x4 (chips = cores / 2 on v4/v5p), v5litepo
     v5litepod) gen=v5e ;;
   esac
   case "$gen:$n" in
-    v5e:1|v6e:1) echo "$gen:1x1" ;; v5e:4|v6e:4) echo "$gen:2x2" ;; v5e:8|v6e:8) echo "$gen:2x4" ;;
+v5e:4|v6e:4) echo "$gen:2x2" ;; v5e:8|v6e:8) echo "$gen:2x4" ;;
     v5e:16|v6e:16) echo "$gen:4x4" ;; v5e:32|v6e:32) echo "$gen:4x8" ;; v5e:64|v6e:64) echo "$gen:8x8" ;;
     v5e:128|v6e:128) echo "$gen:8x16" ;; v5e:256|v6e:256) echo "$gen:16x16" ;;
     *:4) echo "$gen:2x2x1" ;; *:8) echo "$gen:2x2x2" ;; *:16) echo "$gen:2x2x4" ;; *:32) echo "$gen:2x4x4" ;;

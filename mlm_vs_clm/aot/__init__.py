@@ -27,6 +27,7 @@ of its time from XLA's cost model.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 
 import jax
@@ -37,13 +38,15 @@ from mlm_vs_clm.kernels import platform
 
 GIB = 1024**3
 
-# TPU chips by `device_kind`: (name, HBM GiB, bf16 peak FLOP/s, HBM bytes/s) per chip, from
-# Google's Cloud TPU system-architecture pages (v4, v5e, v5p, v6e).
+# TPU chips by `device_kind`: (name, HBM GiB, bf16 peak FLOP/s, HBM bytes/s) per chip, as
+# Google's Cloud TPU pages state them: v4 "32 GiB", v5e "16 GB", v5p "95 GB", v6e "32 GB". A
+# "GB" is read as 10^9 bytes, the smaller reading, so the check errs on the side of "does not
+# fit" (95 GB = 88.5 GiB). The runtime reserves some HBM too: keep a margin.
 CHIPS = {
-    "TPU v4": ("v4", 32, 275e12, 1228e9),
-    "TPU v5 lite": ("v5e", 16, 197e12, 819e9),
-    "TPU v5": ("v5p", 95, 459e12, 2765e9),
-    "TPU v6 lite": ("v6e", 32, 918e12, 1640e9),
+    "TPU v4": ("v4", 32.0, 275e12, 1228e9),
+    "TPU v5 lite": ("v5e", 16e9 / GIB, 197e12, 819e9),
+    "TPU v5": ("v5p", 95e9 / GIB, 459e12, 2765e9),
+    "TPU v6 lite": ("v6e", 32e9 / GIB, 918e12, 1640e9),
 }
 
 LIBTPU_MISSING = (
@@ -57,6 +60,10 @@ def tpu_devices(topology: str, num_slices: int = 1) -> list:
     that many slices joined over DCN). Needs libtpu, not a TPU (ValueError without it)."""
     from jax.experimental import topologies  # imported here: it loads the TPU plugin machinery
 
+    # Compile-only devices touch no chip: skip the TPU VM metadata query (absent off Cloud) and
+    # libtpu's one-process lock (several checks may compile at once).
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         desc = topologies.get_topology_desc(topology_name=topology, platform="tpu", num_slices=num_slices)
     except RuntimeError as e:

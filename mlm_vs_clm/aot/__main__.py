@@ -121,14 +121,14 @@ def main(argv):
             ok = r.fits(memory_gib)
             fits &= ok
             verdict = "fits" if ok else "DOES NOT FIT"
-            print(f"{r.objective}: {r.total_bytes / GIB:.2f} GiB of {memory_gib:g} GiB per device: {verdict}")
+            print(f"{r.objective}: {r.total_bytes / GIB:.2f} GiB of {memory_gib:.4g} GiB per device: {verdict}")
     if f.json:
         with open(f.json, "w") as out:
             rows = [dict(dataclasses.asdict(r), total_bytes=r.total_bytes) for r in reports]
             json.dump({"preset": preset, "devices": num_devices, "device_kind": kind, "topology": f.topology,
                        "num_slices": f.num_slices, "device_memory_gib": memory_gib, "reports": rows}, out, indent=1)
     if not fits:
-        print(f"aot: {preset} does not fit in {memory_gib:g} GiB per {kind} device (see above)", file=sys.stderr)
+        print(f"aot: {preset} does not fit in {memory_gib:.4g} GiB per {kind} device (see above)", file=sys.stderr)
     raise SystemExit(0 if fits else 1)
 
 
