@@ -70,7 +70,8 @@ def test_cli_reports_the_verdict_and_exits_non_zero_when_it_does_not_fit(tmp_pat
     (row,) = json.loads((tmp_path / "r.json").read_text())["reports"]
     assert row["mesh"] == [1, 4, 1] and row["total_bytes"] > 0
 
-    bad = subprocess.run(cmd[:4] + ["--mesh=1x4"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, check=False, timeout=60)
+    bad = subprocess.run(cmd[:4] + ["--mesh=1x4"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, check=False,
+                         timeout=60)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("aot: --mesh='1x4'")
 
 
