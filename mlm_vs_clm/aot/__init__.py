@@ -89,6 +89,8 @@ class MemoryReport:
     estimate_seconds: float | None = None  # roofline estimate from XLA's cost model (`roofline`)
     estimate_flops: float | None = None  # per device, every layer counted
     estimate_bytes: float | None = None
+    layer_flops: float | None = None  # per device and micro-batch, one layer (forward + backward)
+    layer_bytes: float | None = None
 
     @property
     def total_bytes(self) -> int:
@@ -114,7 +116,8 @@ class MemoryReport:
         if self.estimate_seconds is not None:
             line += (f"; estimate from XLA's cost model (not a measurement): {self.estimate_seconds * 1e3:.1f} ms "
                      f"per step at the chip's peak ({self.estimate_flops:.3e} FLOPs, "
-                     f"{self.estimate_bytes / GIB:.1f} GiB accessed per device)")
+                     f"{self.estimate_bytes / GIB:.1f} GiB accessed per device; one layer of a micro-batch: "
+                     f"{self.layer_flops:.3e} FLOPs, {self.layer_bytes / GIB:.2f} GiB)")
         return line
 
 
@@ -203,8 +206,8 @@ def _cost(config, objective, devices) -> tuple[float, float]:
     return float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
 
 
-def roofline(config, objective, devices) -> tuple[float, float, float] | None:
-    """(seconds, flops, bytes) per device of one step by XLA's cost model, at the chip's peak
+def roofline(config, objective, devices) -> tuple[float, float, float, float, float] | None:
+    """(seconds, flops, bytes, flops of one layer, bytes of one layer) per device of one step by XLA's cost model, at the chip's peak
     FLOP rate or HBM bandwidth, whichever binds (`CHIPS`; None for another chip).
 
     XLA's cost analysis counts a loop body once, and the step has three loops: the scanned
@@ -230,4 +233,4 @@ def roofline(config, objective, devices) -> tuple[float, float, float] | None:
             costs.append(_cost(c, objective, devices))
     (f1, b1), (f2, b2) = costs
     f, b = accum * (f1 + (layers - 1) * (f2 - f1)), accum * (b1 + (layers - 1) * (b2 - b1))
-    return max(f / chip[2], b / chip[3]), f, b
+    return max(f / chip[2], b / chip[3]), f, b, f2 - f1, b2 - b1

@@ -111,7 +111,7 @@ def main(argv):
             (objective,) = [o for o in objectives_of(config, f.objective) if o.name == r.objective]
             estimate = roofline(config, objective, devices)
             if estimate is not None:
-                r.estimate_seconds, r.estimate_flops, r.estimate_bytes = estimate
+                (r.estimate_seconds, r.estimate_flops, r.estimate_bytes, r.layer_flops, r.layer_bytes) = estimate
     for r in reports:
         print(r.flops_line(num_devices))
     fits = True
