@@ -207,8 +207,9 @@ def _cost(config, objective, devices) -> tuple[float, float]:
 
 
 def roofline(config, objective, devices) -> tuple[float, float, float, float, float] | None:
-    """(seconds, flops, bytes, flops of one layer, bytes of one layer) per device of one step by XLA's cost model, at the chip's peak
-    FLOP rate or HBM bandwidth, whichever binds (`CHIPS`; None for another chip).
+    """(seconds, flops, bytes, one layer's flops, one layer's bytes) per device of one step by
+    XLA's cost model, the seconds at the chip's peak FLOP rate or HBM bandwidth, whichever binds
+    (`CHIPS`; None for another chip).
 
     XLA's cost analysis counts a loop body once, and the step has three loops: the scanned
     layers, the micro-batches of gradient accumulation and the chunks of the loss. So the
