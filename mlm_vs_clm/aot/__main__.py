@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import sys
@@ -12,7 +13,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from mlm_vs_clm import sharding
-from mlm_vs_clm.aot import CHIPS, GIB, check, objectives_of, parse_mesh, roofline, tpu_devices
+from mlm_vs_clm.aot import CHIPS, GIB, LIBTPU_MISSING, check, objectives_of, parse_mesh, roofline, tpu_devices
 
 
 def _define_flags():
@@ -85,6 +86,8 @@ def main(argv):
             try:
                 available = len(jax.devices())
             except Exception:  # noqa: BLE001 - JAX raises assorted errors for a missing backend
+                if f.platform == "tpu" and importlib.util.find_spec("libtpu") is None:
+                    raise ValueError(LIBTPU_MISSING + "; or compile for chips elsewhere with --topology") from None
                 raise ValueError(f"aot: --platform={f.platform}: no such backend on this machine") from None
             if available < num_devices:
                 raise ValueError(f"aot: --platform={f.platform} has {available} devices, the mesh needs {num_devices}")
