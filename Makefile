@@ -15,7 +15,7 @@ $(VENV)/.installed-base: setup.py
 	touch $@
 
 $(VENV)/.installed-all: $(VENV)/.installed-base
-	$(PIP) install -q -e '.[hf,dev]'
+	$(PIP) install -q -e '.[hf,st,dev]'
 	touch $@
 
 venv: $(VENV)/.installed-all

@@ -1,5 +1,6 @@
 """Install mlm_vs_clm: `pip install -e .` (add `[hf]` for Hugging Face conversion, `[st]` to load
-exports in sentence-transformers, `[dev]` for tests)."""
+exports in sentence-transformers, `[dev]` for tests, `[tpu]` to compile for TPU topologies on any
+machine: `python -m mlm_vs_clm.aot --platform=tpu --topology=...`)."""
 
 from setuptools import find_packages, setup
 
@@ -28,6 +29,7 @@ setup(
         "matplotlib>=3.8",
         "seqeval>=1.2.2",
         "tokenizers>=0.19",
+        "array-record>=0.5",  # the shards of prepared corpora (mlm_vs_clm/data/prepare)
     ],
     extras_require={
         # torch is pinned so that pip takes the CPU wheel instead of resolving a CUDA build.
@@ -35,5 +37,7 @@ setup(
         "hf": ["torch==2.13.0", "transformers>=5.3,<6", "safetensors>=0.4"],
         "st": ["torch==2.13.0", "transformers>=5.3,<6", "safetensors>=0.4", "sentence-transformers>=6.0"],
         "dev": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.5", "portpicker>=1.6"],
+        # The libtpu that `jax[tpu]` pins for jax 0.10.2 (~680 MB): TPU's compiler, no TPU needed.
+        "tpu": ["libtpu==0.0.42.*"],
     },
 )

@@ -24,6 +24,13 @@
 #   SKIP_INSTALL      1: do not (re)install the package on the workers
 #   JAX_TPU_SPEC      pip requirement for JAX on TPU (default 'jax[tpu]')
 #   DRY_RUN           1: print the gcloud commands instead of running them
+#   SKIP_AOT_CHECK    1: do not compile the train step for the slice before starting it (below)
+#   AOT_TOPOLOGY      topology for that check, e.g. v5p:4x4x4 (default: from ACCELERATOR_TYPE)
+#
+# Before anything is created or copied, the train step is compiled here, on this machine, for the
+# slice's chips (`python -m mlm_vs_clm.aot --platform=tpu --topology=...`, needs libtpu:
+# `pip install -e '.[tpu]'`), with the same flags: a config that does not fit the chips' memory,
+# or does not split over the mesh, stops the launch before any TPU time is spent.
 set -euo pipefail
 
 if [[ $# -eq 0 ]]; then
@@ -34,6 +41,43 @@ fi
 : "${ZONE:?set ZONE (the zone of the slice)}"
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+# 0. Does the step compile and fit on these chips? (local, no TPU needed)
+aot_topology() {  # v5p-128 -> v5p:4x4x4 (chips = cores / 2 on v4/v5p), v5litepod-16 -> v5e:4x4, v6e-64 -> v6e:8x8
+  local type="$1" gen n
+  gen="${type%%-*}"; n="${type##*-}"
+  case "$gen" in
+    v5p|v4) n=$((n / 2)) ;;
+    v5litepod) gen=v5e ;;
+  esac
+  case "$gen:$n" in
+v5e:4|v6e:4) echo "$gen:2x2" ;; v5e:8|v6e:8) echo "$gen:2x4" ;;
+    v5e:16|v6e:16) echo "$gen:4x4" ;; v5e:32|v6e:32) echo "$gen:4x8" ;; v5e:64|v6e:64) echo "$gen:8x8" ;;
+    v5e:128|v6e:128) echo "$gen:8x16" ;; v5e:256|v6e:256) echo "$gen:16x16" ;;
+    *:4) echo "$gen:2x2x1" ;; *:8) echo "$gen:2x2x2" ;; *:16) echo "$gen:2x2x4" ;; *:32) echo "$gen:2x4x4" ;;
+    *:64) echo "$gen:4x4x4" ;; *:128) echo "$gen:4x4x8" ;; *:256) echo "$gen:4x8x8" ;; *:512) echo "$gen:8x8x8" ;;
+    *) return 1 ;;
+  esac
+}
+if [[ "${SKIP_AOT_CHECK:-0}" != "1" ]]; then
+  topology="${AOT_TOPOLOGY:-}"
+  if [[ -z "$topology" ]]; then
+    topology="$(aot_topology "${ACCELERATOR_TYPE:-}")" || {
+      echo "tpu_pod.sh: cannot tell the topology of ACCELERATOR_TYPE='${ACCELERATOR_TYPE:-}'; set AOT_TOPOLOGY (e.g. v5p:4x4x4) or SKIP_AOT_CHECK=1" >&2
+      exit 2
+    }
+  fi
+  aot_args=()
+  for arg in "$@"; do  # the train flags the check understands: --config and its overrides
+    case "$arg" in --config=*|--config.*) aot_args+=("$arg") ;; esac
+  done
+  echo "tpu_pod.sh: compiling the train step for $topology here (SKIP_AOT_CHECK=1 skips this)"
+  (cd "$repo_root" && TPU_SKIP_MDS_QUERY=1 "${PYTHON:-python3}" -m mlm_vs_clm.aot --platform=tpu \
+    --topology="$topology" "${aot_args[@]}") || {
+    echo "tpu_pod.sh: the AOT check failed for $topology (above); not launching" >&2
+    exit 1
+  }
+fi
 remote_dir="${REMOTE_DIR:-mlm_vs_clm}"
 code="${CODE:-copy}"
 jax_tpu_spec="${JAX_TPU_SPEC:-jax[tpu]}"

@@ -1,5 +1,6 @@
 """The ahead-of-time memory check compiles the 210m train step on virtual devices."""
 
+import importlib.machinery
 import json
 import os
 import subprocess
@@ -9,6 +10,7 @@ import pytest
 
 from mlm_vs_clm import aot, sharding
 from mlm_vs_clm.config import ConfigError, load_config
+from mlm_vs_clm.kernels import attention, platform
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 210m at a reduced batch and sequence so that compiling stays within seconds on a CPU.
@@ -68,7 +70,8 @@ def test_cli_reports_the_verdict_and_exits_non_zero_when_it_does_not_fit(tmp_pat
     (row,) = json.loads((tmp_path / "r.json").read_text())["reports"]
     assert row["mesh"] == [1, 4, 1] and row["total_bytes"] > 0
 
-    bad = subprocess.run(cmd[:4] + ["--mesh=1x4"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, check=False, timeout=60)
+    bad = subprocess.run(cmd[:4] + ["--mesh=1x4"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, check=False,
+                         timeout=60)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("aot: --mesh='1x4'")
 
 
@@ -98,3 +101,56 @@ def test_cli_checks_the_mesh_layout_of_the_config(tmp_path):
     assert row["mesh"] == [1, 4, 1]  # tiny's own sizes would give 4x1x1
     bad = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, check=False, timeout=60)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1] == "aot: mesh.layout='fsdp' needs --devices"
+
+
+# --- compiling for TPU chips (needs libtpu, not a TPU) --------------------------------------
+# libtpu is the optional extra `tpu` (setup.py); a folder holding it (pip install --target DIR
+# 'libtpu==0.0.42.*') may also be named with MLM_VS_CLM_LIBTPU_DIR.
+LIBTPU_DIR = os.environ.get("MLM_VS_CLM_LIBTPU_DIR", "")
+
+
+def _libtpu_available() -> bool:
+    paths = [LIBTPU_DIR] + sys.path if LIBTPU_DIR else sys.path
+    return importlib.machinery.PathFinder.find_spec("libtpu", paths) is not None
+
+
+def _tpu_env():
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, LIBTPU_DIR, env.get("PYTHONPATH", "")) if p)
+    env["TPU_SKIP_MDS_QUERY"] = "1"  # no TPU metadata server here
+    return env
+
+
+@pytest.mark.skipif(not _libtpu_available(), reason="libtpu is not installed (pip install -e '.[tpu]', or set "
+                    "MLM_VS_CLM_LIBTPU_DIR to a folder holding it)")
+def test_tiny_compiles_for_a_tpu_topology_and_is_refused_when_it_does_not_fit(tmp_path):
+    """tiny (rows of 128: splash attention) for 4 v5p chips: TPU memory and FLOPs; with a
+    0.001 GiB chip the command refuses in one line and exits 1."""
+    cmd = [sys.executable, "-m", "mlm_vs_clm.aot", "--config=configs/pretrain.py:tiny", "--config.train.seq_len=128",
+           "--platform=tpu", "--topology=v5p:2x2x1", "--mesh=1x4x1", "--objective=clm", "--device_memory_gib=0.001",
+           f"--json={tmp_path / 'r.json'}"]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=_tpu_env(), capture_output=True, text=True, check=False, timeout=600)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "DOES NOT FIT" in proc.stdout and "model FLOPs per step" in proc.stdout
+    assert proc.stderr.strip().splitlines()[-1].startswith("aot: tiny does not fit in 0.001 GiB per TPU v5 device")
+    out = json.loads((tmp_path / "r.json").read_text())
+    (row,) = out["reports"]
+    assert out["device_kind"] == "TPU v5" and out["devices"] == 4 and row["mesh"] == [1, 4, 1]
+    assert row["temp_bytes"] > 0 and row["code_bytes"] > 0  # TPU's compiler reports its code, the CPU's does not
+    assert row["model_flops"] > 0
+
+
+@pytest.mark.skipif(_libtpu_available(), reason="libtpu is installed: the missing-libtpu message cannot show")
+def test_tpu_topology_without_libtpu_says_how_to_install_it():
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    cmd = [sys.executable, "-m", "mlm_vs_clm.aot", "--config=configs/pretrain.py:tiny", "--platform=tpu",
+           "--topology=v5p:2x2x1"]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, check=False, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == aot.LIBTPU_MISSING
+
+
+def test_splash_is_the_default_attention_when_tracing_for_tpu():
+    with platform.target("tpu"):
+        assert attention.resolve("", "bfloat16") == "splash" and attention.resolve("xla", "bfloat16") == "xla"
+    assert attention.resolve("", "float32") == "default"  # on this CPU

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import sys
@@ -12,7 +13,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from mlm_vs_clm import sharding
-from mlm_vs_clm.aot import GIB, check, parse_mesh
+from mlm_vs_clm.aot import CHIPS, GIB, LIBTPU_MISSING, check, objectives_of, parse_mesh, roofline, tpu_devices
 
 
 def _define_flags():
@@ -26,15 +27,29 @@ def _define_flags():
     flags.DEFINE_float("device_memory_gib", None, "Memory of one chip, e.g. 80 (H100), 95 (TPU v5p), 32 (v4).")
     flags.DEFINE_string("json", None, "Also write the reports to this JSON file.")
     flags.DEFINE_string(
-        "platform", "cpu", "cpu: N virtual CPU devices (the default); cuda/tpu: compile for this machine's own chips."
+        "platform", "cpu", "cpu: N virtual CPU devices (the default); cuda/tpu: compile for this machine's own chips, "
+        "or with --topology for the TPU chips of a topology (needs libtpu, not a TPU)."
     )
+    flags.DEFINE_string("topology", None, "A TPU topology to compile for, e.g. v5p:2x2x1, v5e:4x4, v6e:8x8 "
+                        "(any name jax.experimental.topologies.get_topology_desc takes); implies --platform=tpu.")
+    flags.DEFINE_integer("num_slices", 1, "With --topology: that many slices joined over DCN (multislice).")
+    flags.DEFINE_bool("roofline", False, "Also estimate the step time from XLA's cost model (two more compiles, "
+                      "of 1 and 2 unrolled layers, per objective; TPU chips of aot.CHIPS).")
     flags.mark_flags_as_required(["config"])
     return flags.FLAGS
 
 
-def _devices_needed(f) -> int:
+def _devices_needed(f, topology_devices=None) -> int:
     if f.mesh and f.layout:
         raise ValueError("aot: give --mesh or --layout, not both")
+    if topology_devices is not None:
+        n = len(topology_devices)
+        if f.devices not in (None, n):
+            raise ValueError(f"aot: --topology={f.topology} has {n} chips but --devices={f.devices}")
+        if f.mesh and math.prod(parse_mesh(f.mesh)) != n:
+            raise ValueError(f"aot: --mesh={f.mesh} has {math.prod(parse_mesh(f.mesh))} devices, "
+                             f"--topology={f.topology} {n}")
+        return n
     if f.mesh:
         size = math.prod(parse_mesh(f.mesh))
         if f.devices not in (None, size):
@@ -55,15 +70,24 @@ def main(argv):
     f = FLAGS
     config = f.config
     try:
-        num_devices = _devices_needed(f)
+        topology_devices = None
+        if f.topology:
+            if f.platform not in ("cpu", "tpu"):
+                raise ValueError(f"aot: --topology is for --platform=tpu, not {f.platform}")
+            jax.config.update("jax_platforms", "cpu")  # the host compiles; the chips are the topology's
+            topology_devices = tpu_devices(f.topology, f.num_slices)
+        num_devices = _devices_needed(f, topology_devices)
         # Virtual CPU devices must be set before the backend starts (nothing above touched it).
-        jax.config.update("jax_platforms", f.platform)
-        if f.platform == "cpu":
+        if topology_devices is None and f.platform == "cpu":
+            jax.config.update("jax_platforms", "cpu")
             jax.config.update("jax_num_cpu_devices", num_devices)
-        else:
+        elif topology_devices is None:
+            jax.config.update("jax_platforms", f.platform)
             try:
                 available = len(jax.devices())
             except Exception:  # noqa: BLE001 - JAX raises assorted errors for a missing backend
+                if f.platform == "tpu" and importlib.util.find_spec("libtpu") is None:
+                    raise ValueError(LIBTPU_MISSING + "; or compile for chips elsewhere with --topology") from None
                 raise ValueError(f"aot: --platform={f.platform}: no such backend on this machine") from None
             if available < num_devices:
                 raise ValueError(f"aot: --platform={f.platform} has {available} devices, the mesh needs {num_devices}")
@@ -74,26 +98,40 @@ def main(argv):
         elif config.mesh.get("layout"):  # as the train command applies it
             devices_per_node = f.devices_per_node or config.mesh.get("devices_per_node") or None
             sharding.apply_mesh_layout(config, config.mesh.layout, num_devices, devices_per_node)
-        reports = check(config, f.objective, jax.devices()[:num_devices])
+        devices = topology_devices if topology_devices is not None else jax.devices()[:num_devices]
+        reports = check(config, f.objective, devices)
     except ValueError as e:
         print(str(e).splitlines()[0], file=sys.stderr)
         raise SystemExit(2) from None
     preset = config.get("preset", "?")
-    kind = jax.devices()[0].device_kind
-    print(f"{preset}: batch {config.train.batch_size} x seq {config.train.seq_len} on {num_devices} x {kind}")
+    kind = devices[0].device_kind
+    where = f" ({f.topology}" + (f" x {f.num_slices} slices)" if f.num_slices > 1 else ")") if f.topology else ""
+    print(f"{preset}: batch {config.train.batch_size} x seq {config.train.seq_len} on {num_devices} x {kind}{where}")
     for r in reports:
         print(r.line())
-    fits = True
-    if f.device_memory_gib:
+    if f.roofline:
         for r in reports:
-            ok = r.fits(f.device_memory_gib)
+            (objective,) = [o for o in objectives_of(config, f.objective) if o.name == r.objective]
+            estimate = roofline(config, objective, devices)
+            if estimate is not None:
+                (r.estimate_seconds, r.estimate_flops, r.estimate_bytes, r.layer_flops, r.layer_bytes) = estimate
+    for r in reports:
+        print(r.flops_line(num_devices))
+    fits = True
+    memory_gib = f.device_memory_gib or (CHIPS[kind][1] if kind in CHIPS else None)
+    if memory_gib:
+        for r in reports:
+            ok = r.fits(memory_gib)
             fits &= ok
             verdict = "fits" if ok else "DOES NOT FIT"
-            print(f"{r.objective}: {r.total_bytes / GIB:.2f} GiB of {f.device_memory_gib:g} GiB per device: {verdict}")
+            print(f"{r.objective}: {r.total_bytes / GIB:.2f} GiB of {memory_gib:.4g} GiB per device: {verdict}")
     if f.json:
         with open(f.json, "w") as out:
             rows = [dict(dataclasses.asdict(r), total_bytes=r.total_bytes) for r in reports]
-            json.dump({"preset": preset, "devices": num_devices, "reports": rows}, out, indent=1)
+            json.dump({"preset": preset, "devices": num_devices, "device_kind": kind, "topology": f.topology,
+                       "num_slices": f.num_slices, "device_memory_gib": memory_gib, "reports": rows}, out, indent=1)
+    if not fits:
+        print(f"aot: {preset} does not fit in {memory_gib:.4g} GiB per {kind} device (see above)", file=sys.stderr)
     raise SystemExit(0 if fits else 1)
 
 

@@ -6,7 +6,9 @@ device. Backends:
   'default'       `jax.nn.dot_product_attention` as it chooses (XLA's dense path);
   'xla', 'cudnn'  `jax.nn.dot_product_attention` with that implementation (a dense [B, 1, L, L] mask);
   'cudnn_packed'  cuDNN with packed segments, no [L, L] mask (kernels/gpu.py; Hopper or newer);
-  'cpu_ops'       16-bit attention on a CPU's bf16 units (kernels/cpu.py).
+  'cpu_ops'       16-bit attention on a CPU's bf16 units (kernels/cpu.py);
+  'splash'        Pallas's splash attention with the rows' segment ids, no [L, L] mask
+                  (kernels/tpu.py; TPUs, and any other device in Pallas's slow interpret mode).
 """
 
 from __future__ import annotations
@@ -14,18 +16,21 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mlm_vs_clm.kernels import cpu, gpu
+from mlm_vs_clm.kernels import cpu, gpu, platform, tpu
 
 # What `model.attention_impl` may name ('' = chosen by device and dtype).
-ATTENTION_IMPLS = ("", "xla", "cudnn", "cudnn_packed")
+ATTENTION_IMPLS = ("", "xla", "cudnn", "cudnn_packed", "splash")
 
 
 def resolve(impl: str, dtype) -> str:
-    """The backend a model runs: `impl` when set, else by device and dtype: 'cpu_ops' (16-bit on
-    a CPU), 'cudnn_packed' (16-bit on a Hopper or newer NVIDIA GPU), 'cudnn' (16-bit on an Ampere
-    GPU, or on Hopper with a jax that lacks the packed layout), or 'default'."""
+    """The backend a model runs: `impl` when set, else by the target platform (kernels/platform.py)
+    and dtype: 'splash' (a TPU, any dtype), 'cpu_ops' (16-bit on a CPU), 'cudnn_packed' (16-bit on
+    a Hopper or newer NVIDIA GPU), 'cudnn' (16-bit on an Ampere GPU, or on Hopper with a jax that
+    lacks the packed layout), or 'default'."""
     if impl:
         return impl
+    if platform.current() == "tpu":
+        return "splash"
     dtype = jnp.dtype(dtype)
     if cpu.wanted(dtype):
         return "cpu_ops"
@@ -42,6 +47,8 @@ def prepare(backend: str, segment_ids_BxL, max_segments: int):
     pass and shared by every layer (None for backends that need nothing)."""
     if backend == "cudnn_packed":
         return gpu.packed_segments(segment_ids_BxL, max_segments)
+    if backend == "splash":
+        return segment_ids_BxL
     return None
 
 
@@ -56,6 +63,8 @@ def dot_product_attention(backend: str, q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask_Bx
         return cpu.attention(
             q_BxLxNxH, jnp.repeat(k_BxLxKxH, groups, axis=2), jnp.repeat(v_BxLxKxH, groups, axis=2), mask_Bx1xLxL
         )
+    if backend == "splash":
+        return tpu.attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, prepared, causal)
     if backend == "cudnn_packed":
         return gpu.attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask_Bx1xLxL, prepared, causal)
     return jax.nn.dot_product_attention(

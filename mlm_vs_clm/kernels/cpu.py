@@ -17,12 +17,14 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from mlm_vs_clm.kernels import platform
+
 F32 = jnp.float32
 
 
 def wanted(dtype) -> bool:
     """Whether a model computing in `dtype` takes these functions: 16-bit compute on a CPU."""
-    return jnp.dtype(dtype).itemsize == 2 and jax.default_backend() == "cpu"
+    return jnp.dtype(dtype).itemsize == 2 and platform.current() == "cpu"
 
 
 def standalone_transpose(x, axes=(1, 0)):

@@ -26,6 +26,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from mlm_vs_clm.kernels import platform
+
 # The kernel of the dense-mask fallback (tests on a CPU set "xla").
 DENSE_IMPL = "cudnn"
 
@@ -48,7 +50,7 @@ jax.tree_util.register_dataclass(
 def cuda_compute_capability() -> tuple[int, int] | None:
     """(major, minor) of the first device when the backend is an NVIDIA GPU, else None (a CPU, a
     TPU, or a GPU whose capability is not CUDA's `major.minor`, as ROCm's `gfx90a`)."""
-    if jax.default_backend() != "gpu":
+    if platform.current() != "gpu" or jax.default_backend() != "gpu":
         return None
     capability = str(getattr(jax.devices()[0], "compute_capability", "") or "")
     try:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mlm_vs_clm.kernels import cpu
+from mlm_vs_clm.kernels import cpu, platform
 
 EMBED_GRAD_F32 = ("auto", "on", "off")  # model.embed_grad_f32
 
@@ -44,7 +44,7 @@ def transposed_operand(h_TxD, dtype):
 def dot_accumulation():
     """`preferred_element_type` of a 16-bit product: f32 on a CPU (its bf16 units give f32
     results; a bf16 result sends the dot to XLA's f32 path), the compiler's choice elsewhere."""
-    return jnp.float32 if jax.default_backend() == "cpu" else None
+    return jnp.float32 if platform.current() == "cpu" else None
 
 
 def embed_grad_f32(setting: str) -> bool:
@@ -54,5 +54,5 @@ def embed_grad_f32(setting: str) -> bool:
     if setting not in EMBED_GRAD_F32:
         raise ValueError(f"model.embed_grad_f32: unknown setting {setting!r} (one of {', '.join(EMBED_GRAD_F32)})")
     if setting == "auto":
-        return jax.default_backend() != "cpu"
+        return platform.current() != "cpu"
     return setting == "on"
