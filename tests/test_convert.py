@@ -528,12 +528,10 @@ def test_export_refuses_a_non_empty_folder_and_leaves_no_half_export(tmp_path, c
     assert err.count("\n") == 0 and "not empty" in err and "--overwrite" in err
     assert (out / "model.safetensors").read_bytes() == b"the user's"
     # a crash part way leaves neither a half export nor the temporary folder
-    from mlm_vs_clm.convert import hf_tokenizer as tokmod
-
     def crash(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(tokmod, "write_hf_tokenizer", crash)
+    monkeypatch.setattr(hf_export, "write_hf_tokenizer", crash)
     fresh = tmp_path / "fresh"
     assert convert_main(["export-hf", f"--checkpoint={run}", f"--out={fresh}"]) == 2
     assert not fresh.exists() and sorted(os.listdir(tmp_path)) == ["hf", "out", "run"]
