@@ -161,7 +161,8 @@ def initialize(
     configure_cpu_devices()
     if collective_timeout_s:
         _set_collective_timeout(collective_timeout_s)
-    timeouts = {"heartbeat_timeout_seconds": heartbeat_timeout_s, "shutdown_timeout_seconds": shutdown_timeout_s or timeout_s}
+    timeouts = {"heartbeat_timeout_seconds": heartbeat_timeout_s,
+                "shutdown_timeout_seconds": shutdown_timeout_s or timeout_s}
 
     explicit = coordinator_address is not None or (num_processes or 1) > 1
     if mode == "off" or (not explicit and mode != "auto" and not _under_slurm() and not _on_tpu_vm()):
@@ -183,7 +184,8 @@ def initialize(
             return
         where = f"process {process_id} of {num_processes} (coordinator {coordinator_address})"
         _connect(
-            dict(coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id, **timeouts),
+            dict(coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id,
+                 **timeouts),
             timeout_s,
             where,
         )
@@ -230,4 +232,5 @@ def sync(name: str, timeout_s: int = 600) -> None:
         client.wait_at_barrier(barrier_id, timeout_in_ms=int(timeout_s * 1000))
     except Exception as e:
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise DistributedError(f"distributed: barrier {name!r} failed in process {jax.process_index()}: {first_line}") from e
+        raise DistributedError(
+            f"distributed: barrier {name!r} failed in process {jax.process_index()}: {first_line}") from e

@@ -27,7 +27,8 @@ def test_cli_writes_the_json_contract(tmp_path):
     env.pop("XLA_FLAGS", None)
     proc = subprocess.run(
         [sys.executable, "-m", "mlm_vs_clm.bench", "--config=configs/pretrain.py:tiny", "--steps=2", "--warmup=1",
-         "--peer", "--peer_kept", "--data", "--data_seconds=0.5", "--objectives=clm,mlm40", "--config.train.batch_size=4", f"--json={out}"],
+         "--peer", "--peer_kept", "--data", "--data_seconds=0.5", "--objectives=clm,mlm40",
+         "--config.train.batch_size=4", f"--json={out}"],
         check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -238,7 +238,8 @@ def test_round_trip_gives_identical_tensors(tmp_path):
 
     _hf_llama(tmp_path / "hf", kv=2, tied=False, llama3=True)
     config, params, _ = hf_import.convert_hf(str(tmp_path / "hf"), str(tmp_path / "tok"))
-    hf_export.export_params(params, ModelConfig.from_config(config.model), str(tmp_path / "out"), "causal", shard_bytes=30_000)
+    hf_export.export_params(params, ModelConfig.from_config(config.model), str(tmp_path / "out"), "causal",
+                            shard_bytes=30_000)
     original = safe_open(str(tmp_path / "hf" / "model.safetensors"), framework="pt")
     index = json.load(open(tmp_path / "out" / "model.safetensors.index.json"))["weight_map"]
     assert sorted(index) == sorted(original.keys())
@@ -321,7 +322,8 @@ def test_cli_import_then_export(tmp_path, capsys):
     assert auto(text, add_special_tokens=False)["input_ids"] == _word_tokenizer("reserved").encode(text).ids
     assert auto.mask_token == "<|mask|>"
     # not sentencepiece-style: the mask takes the space before it only (RoBERTa-style)
-    mask = [t for t in json.load(open(os.path.join(out, "tokenizer.json")))["added_tokens"] if t["content"] == "<|mask|>"]
+    added = json.load(open(os.path.join(out, "tokenizer.json")))["added_tokens"]
+    mask = [t for t in added if t["content"] == "<|mask|>"]
     assert (mask[0]["lstrip"], mask[0]["rstrip"]) == (True, False)
     assert auto("w1 <|mask|> w2", add_special_tokens=False)["input_ids"] == [
         auto.convert_tokens_to_ids(t) for t in ("w1", "<|mask|>", "w2")]
@@ -388,10 +390,13 @@ def test_import_reads_source_attention():
         assert hf_import.source_mask_mode(hf_export.hf_config(cfg, TOKENS, mode)) == mode
     assert hf_import.source_mask_mode({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}) == "causal"
     # EuroBERT, native or with the hub's auto_map, or relabelled llama: from the architecture
-    assert hf_import.source_mask_mode({"model_type": "eurobert", "auto_map": {"AutoModel": "m.EuroBertModel"}}) == "bidirectional"
-    assert hf_import.source_mask_mode({"model_type": "llama", "architectures": ["EuroBertForMaskedLM"]}) == "bidirectional"
+    eurobert_remote = {"model_type": "eurobert", "auto_map": {"AutoModel": "m.EuroBertModel"}}
+    assert hf_import.source_mask_mode(eurobert_remote) == "bidirectional"
+    llama_named_eurobert = {"model_type": "llama", "architectures": ["EuroBertForMaskedLM"]}
+    assert hf_import.source_mask_mode(llama_named_eurobert) == "bidirectional"
     # our remote-code encoders say is_causal: false
-    assert hf_import.source_mask_mode(hf_export.hf_config(cfg, TOKENS, "bidirectional", architecture="remote")) == "bidirectional"
+    remote = hf_export.hf_config(cfg, TOKENS, "bidirectional", architecture="remote")
+    assert hf_import.source_mask_mode(remote) == "bidirectional"
     # remote code that does not say: unknown, so --mask_mode=auto refuses
     assert hf_import.source_mask_mode({"model_type": "llama", "auto_map": {"AutoModel": "modeling.Encoder"}}) == ""
 
@@ -523,12 +528,10 @@ def test_export_refuses_a_non_empty_folder_and_leaves_no_half_export(tmp_path, c
     assert err.count("\n") == 0 and "not empty" in err and "--overwrite" in err
     assert (out / "model.safetensors").read_bytes() == b"the user's"
     # a crash part way leaves neither a half export nor the temporary folder
-    from mlm_vs_clm.convert import hf_tokenizer as tokmod
-
     def crash(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(tokmod, "write_hf_tokenizer", crash)
+    monkeypatch.setattr(hf_export, "write_hf_tokenizer", crash)
     fresh = tmp_path / "fresh"
     assert convert_main(["export-hf", f"--checkpoint={run}", f"--out={fresh}"]) == 2
     assert not fresh.exists() and sorted(os.listdir(tmp_path)) == ["hf", "out", "run"]

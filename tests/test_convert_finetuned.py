@@ -62,7 +62,8 @@ def test_finetuned_head_exports_with_identical_logits(tmp_path, kind, head, pool
     config = finetuned.export_finetuned(params, cfg, out, kind, pooling, head, tokens=TOKENS, labels=["a", "b", "c"])
     remote = expect.startswith("Bidir")
     assert ("auto_map" in config) == remote
-    auto = transformers.AutoModelForTokenClassification if kind == "token_classification" else transformers.AutoModelForSequenceClassification
+    auto = (transformers.AutoModelForTokenClassification if kind == "token_classification"
+            else transformers.AutoModelForSequenceClassification)
     hf = auto.from_pretrained(out, trust_remote_code=remote)
     assert type(hf).__name__ == expect and hf.config.id2label == {0: "a", 1: "b", 2: "c"}
     tokens, attn = _batch()
@@ -91,7 +92,8 @@ def test_eurobert_head_is_dense_exact_gelu_classifier():
     assert set(params) == {"encoder", "head_dense", "head"}
     tokens, attn = _batch()
     positions = np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32), tokens.shape)
-    h = np.asarray(model.apply({"params": params}, tokens, attn, positions, method=heads.FinetuneModel.hidden), np.float64)
+    h = np.asarray(model.apply({"params": params}, tokens, attn, positions, method=heads.FinetuneModel.hidden),
+                   np.float64)
     pooled = (h * attn[..., None]).sum(1) / attn.sum(1, keepdims=True)
     x = pooled @ params["head_dense"]["kernel"] + params["head_dense"]["bias"]
     x = torch.nn.functional.gelu(torch.tensor(x)).numpy()
@@ -101,15 +103,16 @@ def test_eurobert_head_is_dense_exact_gelu_classifier():
 
 def test_sentence_transformers_mean_pooling_equals_ours(tmp_path):
     st = pytest.importorskip("sentence_transformers")
-    from mlm_vs_clm.data.tokenizer import train_tokenizer
     from mlm_vs_clm.convert.hf_tokenizer import write_hf_tokenizer
+    from mlm_vs_clm.data.tokenizer import train_tokenizer
 
     texts = ["the cat sat on the mat", "a dog", "the big apple fell from a tree today"]
     ours = train_tokenizer([" ".join(texts)] * 50 + [f"word{i} and more{i % 7}" for i in range(600)], 400)
     tokens = {f"{r}_id": getattr(ours, f"{r}_id") for r in ("pad", "unk", "bos", "eos", "mask")}
     from mlm_vs_clm.model import init_params
 
-    cfg = ModelConfig(vocab_size=ours.vocab_size, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_size=48)
+    cfg = ModelConfig(vocab_size=ours.vocab_size, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                      ffn_size=48)
     model = heads.FinetuneModel(cfg, "retrieval", 0, "mean", "bidirectional")
 
     encoder = nn.meta.unbox(init_params(cfg, jax.random.PRNGKey(3)))["encoder"]
@@ -133,6 +136,7 @@ def test_sentence_transformers_mean_pooling_equals_ours(tmp_path):
 @pytest.mark.parametrize("kind,head", [("classification", "eurobert"), ("token_classification", "linear")])
 def test_cli_exports_a_finetuned_checkpoint(tmp_path, capsys, kind, head):
     from helpers import tiny_config
+
     from tests.test_convert import convert_main
 
     config = tiny_config()
@@ -148,7 +152,8 @@ def test_cli_exports_a_finetuned_checkpoint(tmp_path, capsys, kind, head):
     assert convert_main(["export-hf", f"--checkpoint={run}", f"--out={out}"]) == 0
     expect = "EuroBertForTokenClassification" if kind == "token_classification" else "EuroBertForSequenceClassification"
     assert f"load with {expect}, no remote code" in capsys.readouterr().out
-    auto = transformers.AutoModelForTokenClassification if kind == "token_classification" else transformers.AutoModelForSequenceClassification
+    auto = (transformers.AutoModelForTokenClassification if kind == "token_classification"
+            else transformers.AutoModelForSequenceClassification)
     hf = auto.from_pretrained(out)
     assert type(hf).__name__ == expect and hf.config.id2label[1] == "pos"
     tokens, attn = _batch(vocab=cfg.vocab_size)

@@ -92,7 +92,8 @@ def test_missing_coordinator_exits_with_clear_error_within_timeout():
     env = _env(MLM_VS_CLM_CPU_DEVICES=4)
     code = f"from mlm_vs_clm import distributed; distributed.initialize({address!r}, 2, 1, timeout_s=5)"
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO_ROOT, capture_output=True, text=True, check=False, timeout=60)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO_ROOT, capture_output=True, text=True,
+                          check=False, timeout=60)
     elapsed = time.monotonic() - start
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
@@ -156,14 +157,16 @@ def test_local_launcher_stops_the_others_when_one_process_fails(tmp_path):
     )
     env = _env(PYTHON=sys.executable, MODULE="failing_worker", PYTHONPATH=str(tmp_path))
     start = time.monotonic()
-    proc = subprocess.run(["bash", LOCAL_SH, "2"], env=env, cwd=REPO_ROOT, capture_output=True, text=True, check=False, timeout=60)
+    proc = subprocess.run(["bash", LOCAL_SH, "2"], env=env, cwd=REPO_ROOT, capture_output=True, text=True, check=False,
+                          timeout=60)
     assert proc.returncode == 7, proc.stderr[-2000:]
     assert "a process exited with status 7" in proc.stderr
     assert time.monotonic() - start < 30
 
 
 def test_local_launcher_rejects_a_bad_process_count():
-    proc = subprocess.run(["bash", LOCAL_SH, "two"], env=_env(), capture_output=True, text=True, check=False, timeout=10)
+    proc = subprocess.run(["bash", LOCAL_SH, "two"], env=_env(), capture_output=True, text=True, check=False,
+                          timeout=10)
     assert proc.returncode == 2 and proc.stderr.startswith("usage: launch/local.sh NUM_PROCESSES")
 
 

@@ -208,7 +208,8 @@ def test_cli_bad_input_exits_2_with_one_line(tok, tmp_path, case):
         for split in ("train", "validation", "test"):
             rows = [{"text": "good", "label": 1}, {"text": "bad", "label": 0}, {"text": "no label"}]
             (tmp_path / "data" / "sst2" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        args = ["--config=configs/finetune.py:paper_quick", "--config.tasks=sst2", f"--config.data.local_dir={tmp_path / 'data'}"]
+        args = ["--config=configs/finetune.py:paper_quick", "--config.tasks=sst2",
+                f"--config.data.local_dir={tmp_path / 'data'}"]
         expected = (f"finetune: data: {tmp_path / 'data' / 'sst2' / 'train.jsonl'} row 3: missing field 'label' "
                     "(a classification row needs text, label)")
     proc = _cli([*args, f"--config.checkpoint={tmp_path / 'run'}", f"--workdir={tmp_path / 'out'}"])

@@ -28,7 +28,8 @@ def make_tokenizer(tmp_path_factory):
 
 def tiny_model(vocab_size, seed=0):
     pc = load_config("configs/pretrain.py:tiny", {"model.vocab_size": vocab_size})
-    cfg = dataclasses.replace(ModelConfig.from_config(pc.model), hidden_size=32, num_heads=2, num_kv_heads=2, ffn_size=64)
+    cfg = dataclasses.replace(ModelConfig.from_config(pc.model), hidden_size=32, num_heads=2, num_kv_heads=2,
+                              ffn_size=64)
     return cfg, nn.meta.unbox(init_params(cfg, jax.random.PRNGKey(seed)))
 
 
@@ -148,12 +149,14 @@ def test_divergence_is_flagged(env):
 
 def _first_position_output(env, attention, tokens):
     tok, cfg, params = env
-    task = Task("cls", "classification", {s: classification_examples(8, 0) for s in ("train", "validation", "test")}, labels=("a", "b"))
+    task = Task("cls", "classification", {s: classification_examples(8, 0) for s in ("train", "validation", "test")},
+                labels=("a", "b"))
     ft = ft_config(attention=attention, pooling="first")
     setup = runner.build(cfg, task, ft, grid.sharding.make_mesh(ft.mesh))
     p = {**setup.init(jax.random.PRNGKey(0)), "encoder": runner.place_encoder(setup, params["encoder"])}
     seg = np.ones_like(tokens)
-    batch = {"tokens": tokens, "segment_ids": seg, "positions": np.broadcast_to(np.arange(tokens.shape[1]), tokens.shape).astype(np.int32)}
+    positions = np.broadcast_to(np.arange(tokens.shape[1]), tokens.shape).astype(np.int32)
+    batch = {"tokens": tokens, "segment_ids": seg, "positions": positions}
     with setup.context():
         return np.asarray(setup.predict(p, batch))
 
@@ -206,7 +209,8 @@ def test_eurobert_head_is_pooled_dense_exact_gelu_linear():
     params = nn.meta.unbox(heads.init_head(model, jax.random.PRNGKey(0)))
     params["encoder"] = encoder["encoder"]
     rng = np.random.RandomState(0)
-    params["head_dense"] = {"kernel": rng.normal(0, 0.5, (32, 32)).astype(np.float32), "bias": rng.normal(0, 0.5, 32).astype(np.float32)}
+    params["head_dense"] = {"kernel": rng.normal(0, 0.5, (32, 32)).astype(np.float32),
+                            "bias": rng.normal(0, 0.5, 32).astype(np.float32)}
     tokens = rng.randint(5, 97, (2, 12)).astype(np.int32)
     seg = np.ones_like(tokens)
     seg[1, 7:] = 0

@@ -22,7 +22,8 @@ def _splits(examples):
 
 
 def test_pair_layout_and_token_alignment(tok):
-    task = Task("p", "classification", _splits([{"text": "red river", "text_pair": "blue stone", "label": 1}]), labels=("a", "b"))
+    task = Task("p", "classification", _splits([{"text": "red river", "text_pair": "blue stone", "label": 1}]),
+                labels=("a", "b"))
     row = featurize(task, tok, 32)["train"]["arrays"]
     ids = [tok.bos_id] + tok.encode("red river") + [tok.eos_id] + tok.encode("blue stone") + [tok.eos_id]
     assert row["tokens"][0, : len(ids)].tolist() == ids and row["segment_ids"][0].sum() == len(ids)
@@ -98,7 +99,7 @@ def test_news_tasks_are_disjoint_from_pretraining(demo_wheel):
     heldout_headlines = {a["headline"] for a in heldout}
     by_name = {t.name: t for t in tasks}
     assert set(by_name) == {"topic", "retrieval", "cloze_qa", "truecase"}
-    for split, examples in by_name["retrieval"].splits.items():
+    for examples in by_name["retrieval"].splits.values():
         assert all(ex["query"] in heldout_headlines and ex["query"] not in pretrain_headlines for ex in examples)
         assert not {" ".join(ex["document"].split()) for ex in examples} & pretrain_bodies
     # Article-level splits: no headline in two splits of any task.
@@ -124,7 +125,8 @@ def test_news_cloze_and_truecase_construction(demo_wheel):
     truecase = tasks["truecase"].splits["train"][0]
     assert all(w == w.lower() for w in truecase["words"])
     assert truecase["tags"][:2] == ["B-CAP", "O"]  # "In the latest ..."
-    assert news.cloze_candidates("Jane Porter sees 5% rise", "jane porter, 5% ...")[:2] == [(0, "Jane Porter"), (17, "5%")]
+    candidates = news.cloze_candidates("Jane Porter sees 5% rise", "jane porter, 5% ...")
+    assert candidates[:2] == [(0, "Jane Porter"), (17, "5%")]
     assert news.casing_tag("BBC") == "UPPER" and news.casing_tag("Monday,") == "CAP" and news.casing_tag("x") == "O"
 
 
@@ -195,7 +197,8 @@ def test_rows_missing_a_required_field_are_named(tmp_path):
                                 "test": [{"query": "a", "document": "b"}]})
     with pytest.raises(ValueError, match=r"^task q: test row 1: missing field 'answers'"):
         ok = {"question": "q", "context": "c", "answers": []}
-        Task("q", "qa", {"train": [ok], "validation": [ok], "test": [{"question": "q", "context": "c"}]}, unanswerable=True)
+        Task("q", "qa", {"train": [ok], "validation": [ok], "test": [{"question": "q", "context": "c"}]},
+             unanswerable=True)
     rows = [{"text": "good", "label": 1}, {"text": "bad"}]
     (tmp_path / "sst2").mkdir()
     for split in ("train", "validation", "test"):

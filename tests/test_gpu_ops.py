@@ -64,7 +64,9 @@ def test_kernel_call_takes_the_packed_layout(monkeypatch):
     q = jnp.ones((2, 256, 4, 64), jnp.bfloat16)
     kv = jnp.ones((2, 256, 2, 64), jnp.bfloat16)
     for causal, mask_type in ((True, "PADDING_CAUSAL"), (False, "PADDING")):
-        f = lambda q, k, v: gpu_ops.cudnn_packed_kernel(q, k, v, packed, causal).astype(jnp.float32).sum()
+        def f(q, k, v, causal=causal):
+            return gpu_ops.cudnn_packed_kernel(q, k, v, packed, causal).astype(jnp.float32).sum()
+
         text = str(jax.make_jaxpr(jax.grad(f, argnums=(0, 1, 2)))(q, kv, kv))
         assert f"mask_type=MaskType.{mask_type}" in text
         assert "i32[2,8]" in text and "i32[2,9]" in text  # lengths [B, M], offsets [B, M + 1]
@@ -152,7 +154,7 @@ def test_model_with_packed_attention_matches_xla(stand_in):
         lm = model.LanguageModel(cfg)
         valid = batch["segment_ids"] > 0
 
-        def loss(p):
+        def loss(p, lm=lm, valid=valid):
             logits = lm.apply({"params": p}, batch["tokens"], batch["segment_ids"], batch["positions"], "causal")
             return jnp.sum(jnp.where(valid[..., None], logits, 0) ** 2) / valid.sum()
 

@@ -56,4 +56,5 @@ def test_resume_rewrites_metrics_and_purges_tensorboard_past_the_restored_step(t
     # the second file opens by telling TensorBoard to drop steps >= 6 of the first (SessionLog START)
     first_of_second = [e for e in events if e[0] == files[1]][0]
     assert first_of_second[1:] == (6, "session_log", 1)
-    assert [(s, v) for f, s, k, v in events if f == files[1] and k == "scalar"] == [(s, 100.0 + s) for s in range(6, 11)]
+    scalars = [(s, v) for f, s, k, v in events if f == files[1] and k == "scalar"]
+    assert scalars == [(s, 100.0 + s) for s in range(6, 11)]

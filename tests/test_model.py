@@ -64,14 +64,15 @@ def test_scan_and_unrolled_layers_agree():
     layers = p["encoder"]["layers"]
     p2 = {"lm_head": p["lm_head"], "encoder": {k: v for k, v in p["encoder"].items() if k != "layers"}}
     for i in range(cfg.num_layers):
-        p2["encoder"][f"layers_{i}"] = jax.tree.map(lambda x: x[i], layers)
+        p2["encoder"][f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], layers)
     b = packed_batch(batch=2)
     a = LanguageModel(cfg).apply({"params": p}, b["tokens"], b["segment_ids"], b["positions"], "causal")
     u = LanguageModel(unrolled).apply({"params": p2}, b["tokens"], b["segment_ids"], b["positions"], "causal")
     # two programs (scan vs unrolled) may order f32 sums differently; the longest sums per layer
     # are over D, the ffn and the keys, then the head over D
     cfg_n = cfg.num_layers * (cfg.hidden_size + cfg.ffn_size + b["tokens"].shape[1]) + cfg.hidden_size
-    np.testing.assert_allclose(np.asarray(a), np.asarray(u), rtol=0, atol=accum_tol(cfg_n) * np.abs(np.asarray(u)).max())
+    np.testing.assert_allclose(np.asarray(a), np.asarray(u), rtol=0,
+                               atol=accum_tol(cfg_n) * np.abs(np.asarray(u)).max())
 
 
 def test_every_parameter_has_logical_axes():

@@ -284,7 +284,8 @@ def test_mlm_and_clm_gradients_match_the_dense_reference(sparse):
         # V; the loss and the weight gradients over the tokens. Gradients go back through every layer.
         n = cfg.num_layers * (cfg.hidden_size + cfg.ffn_size + b["tokens"].shape[1]) + cfg.vocab_size + b["tokens"].size
         np.testing.assert_allclose(l1, l2, rtol=accum_tol(n))
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=accum_tol(n), atol=accum_tol(n) * np.abs(b).max()),
+        tol = accum_tol(n)
+        jax.tree.map(lambda a, b, tol=tol: np.testing.assert_allclose(a, b, rtol=tol, atol=tol * np.abs(b).max()),
                      g1, g2)
 
 

@@ -14,7 +14,7 @@ from mlm_vs_clm.data import demo_corpus, pipeline, sources
 from mlm_vs_clm.data import tokenizer as tk
 
 SEQ, BATCH = 32, 4
-WORDS = ["the", "market", "grew", "while", "ministers", "met", "and", "the", "team", "won", "a", "late", "match", "in", "Zürich", "東京", "🙂"]
+WORDS = "the market grew while ministers met and the team won a late match in Zürich 東京 🙂".split()
 
 
 def make_docs(n=90, seed=0):

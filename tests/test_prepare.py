@@ -20,7 +20,7 @@ from tests.helpers import run_command
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEQ = 32
-WORDS = ["the", "market", "grew", "while", "ministers", "met", "and", "the", "team", "won", "a", "late", "match", "in", "Zürich", "東京"]
+WORDS = "the market grew while ministers met and the team won a late match in Zürich 東京".split()
 SMALL = {"shard_mb": 0.004, "jsonl_piece_bytes": 3000, "heldout_every": 8, "heldout_docs": 2, "progress": False}
 
 

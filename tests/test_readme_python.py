@@ -30,8 +30,8 @@ def test_package_exports_load_checkpoint():
 def tiny_run(tmp_path_factory):
     """A params-only tiny checkpoint with a trained sentencepiece tokenizer, and its export."""
     import flax.linen as nn
-
     from helpers import tiny_config
+
     from mlm_vs_clm.checkpoint import save_params_checkpoint
     from mlm_vs_clm.data.tokenizer import train_tokenizer
     from mlm_vs_clm.model import ModelConfig, init_params

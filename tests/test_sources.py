@@ -164,7 +164,8 @@ def test_tfds_data_source_with_mock_data():
 
 
 ARTICLES = {
-    "business": ["Shares rise\n\nMarkets gained today.\n\nAnalysts were pleased.", "Bank profit\n\nThe bank earned \xa3 5bn."],
+    "business": ["Shares rise\n\nMarkets gained today.\n\nAnalysts were pleased.",
+                 "Bank profit\n\nThe bank earned \xa3 5bn."],
     "sport": ["Team wins\n\nA late goal decided it.", "Coach quits\n\nHe left on Monday."],
     "tech": ["New phone\n\nIt folds in half.", "   \n"],
 }

@@ -120,8 +120,10 @@ STEPS = {100: 1e6, 300: 3e6}  # tokens
 SCHEDULES = {"mlm40": (0.0, 0.4), "clm": (1.0, 0.0), "clm50_mlm40": (0.5, 0.4)}
 # ft_mean at a budget: clm50_mlm40 best at (s, 100), (m, 100), (m, 300) by a wide margin; at (s, 300)
 # mlm40 beats clm50_mlm40 by 0.3 with a seed spread of 1.0 (inside the spread).
-FT = {("s", 100): {"mlm40": 70, "clm": 65, "clm50_mlm40": 75}, ("s", 300): {"mlm40": 76.3, "clm": 70, "clm50_mlm40": 76},
-      ("m", 100): {"mlm40": 74, "clm": 68, "clm50_mlm40": 79}, ("m", 300): {"mlm40": 80, "clm": 73, "clm50_mlm40": 84}}
+FT = {("s", 100): {"mlm40": 70, "clm": 65, "clm50_mlm40": 75},
+      ("s", 300): {"mlm40": 76.3, "clm": 70, "clm50_mlm40": 76},
+      ("m", 100): {"mlm40": 74, "clm": 68, "clm50_mlm40": 79},
+      ("m", 300): {"mlm40": 80, "clm": 73, "clm50_mlm40": 84}}
 
 
 # Per-seed offsets of each schedule's fine-tuning score (mean 0, sd 1 over the three seeds), so that
@@ -218,7 +220,8 @@ def test_analyze_fits_a_schedule_with_enough_points_and_uses_loss_without_finetu
     assert out["fits"]["mlm40"]["fit"]["dof"] == 4 and out["fits"]["mlm40"]["fit"]["warning"]  # 9 points, 5 parameters
     fit = out["fits"]["mlm40"]["fit"]
     assert fit is not None and fit["n_points"] == 9 and fit["rmse"] < 1e-3
-    assert fit["alpha"] == pytest.approx(TRUE["alpha"], abs=0.01) and fit["beta"] == pytest.approx(TRUE["beta"], abs=0.01)
+    assert fit["alpha"] == pytest.approx(TRUE["alpha"], abs=0.01)
+    assert fit["beta"] == pytest.approx(TRUE["beta"], abs=0.01)
     assert out["flops_over_6ND"] == pytest.approx([6.5 / 6, 6.5 / 6])
     assert not (tmp_path / "score_vs_compute.png").exists() and not (tmp_path / "finetune_spread.png").exists()
     assert (tmp_path / "loss_vs_compute.png").exists() and (tmp_path / "score_vs_clm_fraction.png").exists()
@@ -234,7 +237,8 @@ def test_analyze_fits_a_schedule_with_enough_points_and_uses_loss_without_finetu
 
 @pytest.mark.parametrize("edit,message", [
     (lambda text: text.replace("tokens,", "tokenz,", 1), "results.csv: missing column 'tokens'"),
-    (lambda text: text.replace(",1000000,", ",1e6x,", 1), "results.csv: column 'tokens' on line 2 (run 's-100-mlm40-s0'): '1e6x' is not a number"),
+    (lambda text: text.replace(",1000000,", ",1e6x,", 1),
+     "results.csv: column 'tokens' on line 2 (run 's-100-mlm40-s0'): '1e6x' is not a number"),
     (lambda text: text.replace("0.4,0,", "0.4,zero,", 1), "column 'seed'"),
 ])
 def test_malformed_results_give_one_line_naming_file_and_column(tmp_path, edit, message):

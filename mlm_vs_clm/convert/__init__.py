@@ -5,6 +5,8 @@ hf_import.py   Hugging Face Llama or EuroBERT folder -> our checkpoint
 hf_export.py   our checkpoint -> Hugging Face folder (streamed safetensors): LlamaForCausalLM,
                native EuroBERT (masked LM, fine-tuned heads), sentence-transformers files
 hf_tokenizer.py  tokenizers in both directions (mask token added on import)
+hf_format.py   the folder format both exports write: config.json, streamed (sharded) safetensors
+finetuned.py   fine-tuned checkpoints -> Hugging Face classifiers
 modeling_bidir.py  remote-code encoder classes, only for fine-tuned linear classification heads
 """
 

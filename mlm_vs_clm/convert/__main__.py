@@ -1,4 +1,5 @@
-"""python -m mlm_vs_clm.convert export-hf --checkpoint=PATH --out=DIR [--mask_mode=auto] [--dtype=float32] [--shard_size=5GB] [--overwrite] [--nosentence_transformers]
+"""python -m mlm_vs_clm.convert export-hf --checkpoint=PATH --out=DIR [--mask_mode=auto] [--dtype=float32]
+    [--shard_size=5GB] [--overwrite] [--nosentence_transformers]
 python -m mlm_vs_clm.convert import-hf --hf=DIR --out=PATH [--noscan_layers] [--base_config=configs/pretrain.py:tiny]
 
 Errors print one line (`error: ...`) and exit with status 2.

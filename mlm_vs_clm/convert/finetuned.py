@@ -15,17 +15,18 @@ from __future__ import annotations
 import os
 import shutil
 
+import flax.linen as nn
+import jax
 import numpy as np
 
+from mlm_vs_clm import checkpoint
 from mlm_vs_clm.convert import ConversionError
-from mlm_vs_clm.convert.hf_export import (
-    DEFAULT_SHARD_BYTES,
-    MODELING_FILE,
-    _write_config,
-    hf_config,
-    write_safetensors,
-)
+from mlm_vs_clm.convert.hf_format import DEFAULT_SHARD_BYTES, MODELING_FILE, hf_config, write_config, write_safetensors
+from mlm_vs_clm.convert.hf_tokenizer import write_hf_tokenizer
 from mlm_vs_clm.convert.params import Dims, hf_shapes, iter_hf_tensors
+from mlm_vs_clm.data.tokenizer import load_tokenizer
+from mlm_vs_clm.finetune.heads import FinetuneModel, init_head
+from mlm_vs_clm.model import ModelConfig
 
 # our pooling -> EuroBERT's classifier_pooling ('last' has no EuroBERT counterpart)
 EUROBERT_POOLING = {"mean": "mean", "first": "bos"}
@@ -42,14 +43,17 @@ def finetuned_format(kind: str, pooling: str = "mean", head: str = "linear", att
     it cannot): 'EuroBertForSequenceClassification', 'EuroBertForTokenClassification' or
     'remote' (a linear sequence-classification head, or `last` pooling: modeling_bidir.py)."""
     if attention != "bidirectional":
-        raise ConversionError(f"export-hf: a head fine-tuned with {attention!r} attention has no Hugging Face encoder class")
+        raise ConversionError(
+            f"export-hf: a head fine-tuned with {attention!r} attention has no Hugging Face encoder class")
     if kind == "token_classification":
         return "EuroBertForTokenClassification"
     if kind != "classification":
-        raise ConversionError(f"export-hf: fine-tuned {kind!r} heads are not exported (classification and token_classification are)")
+        raise ConversionError(
+            f"export-hf: fine-tuned {kind!r} heads are not exported (classification and token_classification are)")
     if head == "eurobert":
         if pooling not in EUROBERT_POOLING:
-            raise ConversionError(f"export-hf: the eurobert head with {pooling!r} pooling has no Hugging Face class (use mean or first)")
+            raise ConversionError(
+                f"export-hf: the eurobert head with {pooling!r} pooling has no Hugging Face class (use mean or first)")
         return "EuroBertForSequenceClassification"
     if head != "linear":
         raise ConversionError(f"export-hf: unknown fine-tuning head {head!r}")
@@ -93,7 +97,8 @@ def export_finetuned(
 
     shapes = hf_shapes(dims, with_head=False)
     if arch == "EuroBertForSequenceClassification":
-        shapes.update({"dense.weight": (D, D), "dense.bias": (D,), "classifier.weight": (C, D), "classifier.bias": (C,)})
+        shapes.update({"dense.weight": (D, D), "dense.bias": (D,),
+                       "classifier.weight": (C, D), "classifier.bias": (C,)})
         config["classifier_pooling"] = EUROBERT_POOLING[pooling]
     elif arch == "EuroBertForTokenClassification":
         shapes.update({"classifier.weight": (C, D), "classifier.bias": (C,)})
@@ -104,7 +109,7 @@ def export_finetuned(
     write_safetensors(out_dir, tensors(), shapes, dtype, shard_bytes)
     if arch == "remote":
         shutil.copyfile(os.path.join(os.path.dirname(__file__), MODELING_FILE), os.path.join(out_dir, MODELING_FILE))
-    _write_config(out_dir, config)
+    write_config(out_dir, config)
     return config
 
 
@@ -112,8 +117,6 @@ def save_finetuned(path: str, config, params, kind: str, pooling: str = "mean", 
                    attention: str = "bidirectional", labels=None, tokenizer=None) -> str:
     """Writes a fine-tuned model as a params-only run directory that `export-hf` takes;
     `config` is the pretraining config (its model.* and tokens.*). Returns the step directory."""
-    from mlm_vs_clm import checkpoint
-
     finetuned_format(kind, pooling, head, attention)  # refuse what cannot be exported, before writing
     config = config.copy_and_resolve_references()
     num_labels = int(np.asarray(params["head"]["bias"]).shape[0])
@@ -123,21 +126,13 @@ def save_finetuned(path: str, config, params, kind: str, pooling: str = "mean", 
 
 
 def _finetune_model(config):
-    from mlm_vs_clm.finetune.heads import FinetuneModel
-    from mlm_vs_clm.model import ModelConfig
-
     f = config.finetuned
-    return FinetuneModel(ModelConfig.from_config(config.model), f.kind, int(f.num_labels), f.pooling, f.attention, f.head)
+    return FinetuneModel(ModelConfig.from_config(config.model), f.kind, int(f.num_labels), f.pooling, f.attention,
+                         f.head)
 
 
 def load_finetuned(step_dir: str):
     """(config, params as numpy, tokenizer or None) of a checkpoint written by `save_finetuned`."""
-    import flax.linen as nn
-    import jax
-
-    from mlm_vs_clm import checkpoint
-    from mlm_vs_clm.finetune.heads import init_head
-
     config = checkpoint.read_config(step_dir)
     model = _finetune_model(config)
     single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -149,22 +144,17 @@ def load_finetuned(step_dir: str):
     tokenizer = None
     tok_dir = os.path.join(checkpoint.run_dir_of(step_dir), "tokenizer")
     if os.path.isdir(tok_dir):
-        from mlm_vs_clm.data.tokenizer import load_tokenizer
-
         tokenizer = load_tokenizer(tok_dir)
     return config, jax.tree.map(np.asarray, params), tokenizer
 
 
 def export_finetuned_checkpoint(step_dir: str, out_dir: str, dtype: str = "float32",
                                 shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict:
-    from mlm_vs_clm.convert.hf_tokenizer import write_hf_tokenizer
-    from mlm_vs_clm.model import ModelConfig
-
     config, params, tokenizer = load_finetuned(step_dir)
     f = config.finetuned
-    hf = export_finetuned(params, ModelConfig.from_config(config.model), out_dir, f.kind, f.pooling, f.head, f.attention,
-                          tokens=dict(config.tokens), max_positions=int(config.train.seq_len), dtype=dtype,
-                          shard_bytes=shard_bytes, labels=[x for x in f.labels.split(",") if x] or None)
+    hf = export_finetuned(params, ModelConfig.from_config(config.model), out_dir, f.kind, f.pooling, f.head,
+                          f.attention, tokens=dict(config.tokens), max_positions=int(config.train.seq_len),
+                          dtype=dtype, shard_bytes=shard_bytes, labels=[x for x in f.labels.split(",") if x] or None)
     if tokenizer is not None:
         write_hf_tokenizer(tokenizer, out_dir)
     return hf

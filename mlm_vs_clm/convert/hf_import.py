@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 
 import ml_collections
 import numpy as np
 
+from mlm_vs_clm import checkpoint
+from mlm_vs_clm.config import load_config
 from mlm_vs_clm.convert import ConversionError
+from mlm_vs_clm.convert.hf_tokenizer import import_hf_tokenizer
 from mlm_vs_clm.convert.params import Dims, params_from_hf
-
 
 SUPPORTED_MODEL_TYPES = ("llama", "eurobert")
 
@@ -82,7 +85,8 @@ def model_fields_from_hf(hf: dict) -> dict:
     head_dim = hf.get("head_dim")
     if head_dim not in (None, hidden // heads):
         raise ConversionError(
-            f"import-hf: unsupported head_dim {head_dim} (our model uses hidden_size / num_attention_heads = {hidden // heads})"
+            f"import-hf: unsupported head_dim {head_dim} "
+            f"(our model uses hidden_size / num_attention_heads = {hidden // heads})"
         )
     if heads % fields["num_kv_heads"]:
         raise ConversionError(f"import-hf: num_attention_heads {heads} is not a multiple of num_key_value_heads")
@@ -109,7 +113,7 @@ class HFWeights:
     """Lazy reader over model.safetensors or a sharded model.safetensors.index.json."""
 
     def __init__(self, hf_dir: str):
-        from safetensors import safe_open
+        from safetensors import safe_open  # the `hf` extra: only an import from Hugging Face reads it
 
         index = os.path.join(hf_dir, "model.safetensors.index.json")
         single = os.path.join(hf_dir, "model.safetensors")
@@ -140,7 +144,7 @@ class HFWeights:
         return self._key(name) in self._where
 
     def __call__(self, name: str) -> np.ndarray:
-        import torch
+        import torch  # the `hf` extra, heavy: safetensors hands out torch tensors (bf16 included)
 
         key = self._key(name)
         if key not in self._where:
@@ -155,7 +159,8 @@ class HFWeights:
 def load_hf_params(hf_dir: str, hf: dict, scan_layers: bool = True) -> dict:
     """Our param tree (float32 numpy) from a Hugging Face directory whose config passed checks."""
     fields = model_fields_from_hf(hf)
-    dims = Dims(**{k: fields[k] for k in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_size")})
+    names = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_size")
+    dims = Dims(**{k: fields[k] for k in names})
     weights = HFWeights(hf_dir)
     tied = bool(hf.get("tie_word_embeddings", False))
     if not tied and "lm_head.weight" not in weights:
@@ -178,14 +183,12 @@ def _grow_vocab(params: dict) -> dict:
     return params
 
 
-def convert_hf(hf_dir: str, tokenizer_dir: str, scan_layers: bool = True, base_config: str = "configs/pretrain.py:tiny"):
+def convert_hf(hf_dir: str, tokenizer_dir: str, scan_layers: bool = True,
+               base_config: str = "configs/pretrain.py:tiny"):
     """A Hugging Face Llama folder -> (config, params, tokenizer), all in memory; the tokenizer
     (with a mask token) is written to `tokenizer_dir`. The config is `base_config` with model.*
     and tokens.* taken from the checkpoint, and `imported_from` (the folder, its architectures
     and its attention: what `export-hf --mask_mode=auto` uses for an untrained import)."""
-    from mlm_vs_clm.config import load_config
-    from mlm_vs_clm.convert.hf_tokenizer import import_hf_tokenizer
-
     hf = read_hf_config(hf_dir)
     fields = model_fields_from_hf(hf)
     vocab_before = fields["vocab_size"]
@@ -221,10 +224,11 @@ def describe_import(config) -> str:
     """One line: what the import chose (attention, mask token, vocabulary, pad/eos ids)."""
     src, tokens = config.imported_from, config.tokens
     grew = int(config.model.vocab_size) - int(src.get("vocab_size", config.model.vocab_size))
-    vocab = f"vocabulary grew {src.vocab_size} -> {config.model.vocab_size}" if grew else f"vocabulary {config.model.vocab_size}"
+    size = config.model.vocab_size
+    vocab = f"vocabulary grew {src.vocab_size} -> {size}" if grew else f"vocabulary {size}"
     return (f"{src.model_type} ({src.architectures or 'no architectures'}): {src.mask_mode or 'unknown'} attention; "
-            f"mask token id {tokens.mask_id} ({src.mask_token}); {vocab}; pad id {tokens.pad_id}, eos id {tokens.eos_id}, "
-            f"bos id {tokens.bos_id}")
+            f"mask token id {tokens.mask_id} ({src.mask_token}); {vocab}; "
+            f"pad id {tokens.pad_id}, eos id {tokens.eos_id}, bos id {tokens.bos_id}")
 
 
 def init_from_flags(config, out: str) -> list[str]:
@@ -237,10 +241,6 @@ def init_from_flags(config, out: str) -> list[str]:
 def import_hf(hf_dir: str, out: str, scan_layers: bool = True, base_config: str = "configs/pretrain.py:tiny"):
     """Writes a params-only checkpoint (run directory `out`) that `--config.init_from` and
     `load_checkpoint` accept; returns (its step directory, its config)."""
-    import tempfile
-
-    from mlm_vs_clm import checkpoint
-
     source, target = os.path.realpath(hf_dir), os.path.realpath(out)
     if os.path.commonpath([source, target]) == source:
         raise ConversionError(f"import-hf: --out {out!r} is inside --hf {hf_dir!r}; choose a folder outside the source")

@@ -21,7 +21,11 @@ import os
 import re
 import tempfile
 
+import tokenizers
+from tokenizers import processors
+
 from mlm_vs_clm.convert import ConversionError
+from mlm_vs_clm.data.tokenizer import load_tokenizer
 
 MASK_TOKEN = "<|mask|>"
 ROLES = ("pad", "unk", "bos", "eos", "mask")
@@ -29,6 +33,7 @@ _RESERVED = re.compile(r"reserved|^<unused\d+>$|^\[unused\d+\]$")
 
 
 def _spm_to_tokenizers(model_proto: bytes):
+    # transformers: the `hf` extra, heavy; only a sentencepiece export needs its converter
     from transformers.convert_slow_tokenizer import SpmConverter, import_protobuf
 
     proto = import_protobuf().ModelProto()
@@ -53,17 +58,13 @@ def _uses_metaspace(tok) -> bool:
 
 def mask_added_token(name: str, metaspace: bool):
     """The mask as an AddedToken that eats the spaces a typed `<mask>` brings (see above)."""
-    import tokenizers
-
     return tokenizers.AddedToken(name, special=True, normalized=False, lstrip=True, rstrip=metaspace)
 
 
 def to_hf_tokenizer(tokenizer, causal: bool = False):
     """Our tokenizer -> transformers.PreTrainedTokenizerFast with the same ids (bos + text +
     eos per text; causal: bos + text)."""
-    import tokenizers
-    from tokenizers import processors
-    from transformers import PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast  # the `hf` extra, heavy: only for a transformers tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save(tmp)
@@ -73,7 +74,8 @@ def to_hf_tokenizer(tokenizer, causal: bool = False):
             with open(os.path.join(tmp, "spiece.model"), "rb") as f:
                 tok = _spm_to_tokenizers(f.read())
         else:
-            raise ConversionError(f"export-hf: the tokenizer saved neither tokenizer.json nor spiece.model ({os.listdir(tmp)})")
+            raise ConversionError(
+                f"export-hf: the tokenizer saved neither tokenizer.json nor spiece.model ({os.listdir(tmp)})")
     names = {}
     for role in ROLES:
         token_id = getattr(tokenizer, f"{role}_id", None)
@@ -156,10 +158,6 @@ def import_hf_tokenizer(hf_dir: str, out_dir: str, vocab_size: int):
     """Writes out_dir/tokenizer.json (+ tokenizer_meta.json) and returns (tokenizer, grew, how):
     `grew` is True when a mask token was appended at id == vocab_size (the embedding and the
     head must grow by one row); `how` says where the mask token came from."""
-    import tokenizers
-
-    from mlm_vs_clm.data.tokenizer import load_tokenizer
-
     path = os.path.join(hf_dir, "tokenizer.json")
     if not os.path.exists(path):
         raise ConversionError(f"import-hf: no tokenizer.json in {hf_dir!r} (only fast tokenizers are supported)")

@@ -95,7 +95,8 @@ class BidirLlamaForMaskedLM(_EncoderBase):
     def set_output_embeddings(self, value):
         self.lm_head = value
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, labels=None, **kwargs):
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, labels=None,
+                **kwargs):
         out = self._encode(input_ids, attention_mask, position_ids, inputs_embeds, kwargs)
         logits_BxLxV = self.lm_head(out.last_hidden_state)
         loss = None
@@ -103,7 +104,8 @@ class BidirLlamaForMaskedLM(_EncoderBase):
             loss = nn.functional.cross_entropy(
                 logits_BxLxV.float().reshape(-1, logits_BxLxV.shape[-1]), labels.reshape(-1).to(logits_BxLxV.device)
             )
-        return MaskedLMOutput(loss=loss, logits=logits_BxLxV, hidden_states=out.hidden_states, attentions=out.attentions)
+        return MaskedLMOutput(loss=loss, logits=logits_BxLxV, hidden_states=out.hidden_states,
+                              attentions=out.attentions)
 
 
 def _pool(h_BxLxD, attention_mask_BxL, how):
@@ -133,7 +135,8 @@ class BidirLlamaForSequenceClassification(_EncoderBase):
         self.score = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, labels=None, **kwargs):
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, labels=None,
+                **kwargs):
         out = self._encode(input_ids, attention_mask, position_ids, inputs_embeds, kwargs)
         pooled_BxD = _pool(out.last_hidden_state, attention_mask, getattr(self.config, "classifier_pooling", "mean"))
         logits_BxC = self.score(self.dropout(pooled_BxD))
@@ -154,7 +157,8 @@ class BidirLlamaForSequenceClassification(_EncoderBase):
                 loss = nn.functional.cross_entropy(logits_BxC.float(), labels.reshape(-1))
             else:
                 loss = nn.functional.binary_cross_entropy_with_logits(logits_BxC.float(), labels.float())
-        return SequenceClassifierOutput(loss=loss, logits=logits_BxC, hidden_states=out.hidden_states, attentions=out.attentions)
+        return SequenceClassifierOutput(loss=loss, logits=logits_BxC, hidden_states=out.hidden_states,
+                                        attentions=out.attentions)
 
 
 class BidirLlamaForTokenClassification(_EncoderBase):
@@ -168,7 +172,8 @@ class BidirLlamaForTokenClassification(_EncoderBase):
         self.score = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, labels=None, **kwargs):
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, labels=None,
+                **kwargs):
         out = self._encode(input_ids, attention_mask, position_ids, inputs_embeds, kwargs)
         logits_BxLxC = self.score(self.dropout(out.last_hidden_state))
         loss = None
@@ -176,4 +181,5 @@ class BidirLlamaForTokenClassification(_EncoderBase):
             loss = nn.functional.cross_entropy(
                 logits_BxLxC.float().reshape(-1, self.num_labels), labels.reshape(-1).to(logits_BxLxC.device)
             )
-        return TokenClassifierOutput(loss=loss, logits=logits_BxLxC, hidden_states=out.hidden_states, attentions=out.attentions)
+        return TokenClassifierOutput(loss=loss, logits=logits_BxLxC, hidden_states=out.hidden_states,
+                                     attentions=out.attentions)

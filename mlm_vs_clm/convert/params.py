@@ -12,7 +12,7 @@ stacked under 'layers' (scan_layers, leading axis S) or separate ('layers_0', ..
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -33,7 +33,7 @@ class Dims:
         return self.hidden_size // self.num_heads
 
     @classmethod
-    def of(cls, cfg) -> "Dims":
+    def of(cls, cfg) -> Dims:
         return cls(*(getattr(cfg, f.name) for f in dataclasses.fields(cls)))
 
 
@@ -51,7 +51,8 @@ def _layer_table(d: Dims):
         ("self_attn.k_proj.weight", "k_proj", (K * H, D), _to_hf_in_out, lambda w: w.T.reshape(D, K, H)),
         ("self_attn.v_proj.weight", "v_proj", (K * H, D), _to_hf_in_out, lambda w: w.T.reshape(D, K, H)),
         # o_proj: ours [N, H, D] -> [N*H, D] -> transposed [D, N*H]
-        ("self_attn.o_proj.weight", "o_proj", (D, N * H), lambda x: x.reshape(N * H, D).T, lambda w: w.T.reshape(N, H, D)),
+        ("self_attn.o_proj.weight", "o_proj", (D, N * H), lambda x: x.reshape(N * H, D).T,
+         lambda w: w.T.reshape(N, H, D)),
         ("post_attention_layernorm.weight", "mlp_norm", (D,), lambda x: x, lambda w: w),
         ("mlp.gate_proj.weight", "gate_proj", (F, D), lambda x: x.T, lambda w: w.T),
         ("mlp.up_proj.weight", "up_proj", (F, D), lambda x: x.T, lambda w: w.T),
@@ -147,6 +148,7 @@ def params_from_hf(
     else:
         w = np.asarray(get("lm_head.weight"))
         if w.shape != (d.vocab_size, d.hidden_size):
-            raise ValueError(f"hf weights: lm_head.weight has shape {tuple(w.shape)}, expected {(d.vocab_size, d.hidden_size)}")
+            raise ValueError(
+                f"hf weights: lm_head.weight has shape {tuple(w.shape)}, expected {(d.vocab_size, d.hidden_size)}")
         head = np.ascontiguousarray(w.astype(dtype, copy=False).T)
     return {"encoder": encoder, "lm_head": {"kernel": head}}

@@ -25,6 +25,7 @@ import shutil
 import time
 
 import grain
+import jax
 import numpy as np
 from absl import flags, logging
 
@@ -289,7 +290,8 @@ def prepare_tokenizer(config, workdir: str | None = None) -> Tokenizer:
             tokenizer = load_tokenizer(cached)
         except TokenizerError:
             docs = documents(config, "train")
-            logging.info("data: training a %d-piece tokenizer on %s", config.data.tokenizer_vocab_size, config.data.source)
+            logging.info("data: training a %d-piece tokenizer on %s", config.data.tokenizer_vocab_size,
+                         config.data.source)
             tmp = f"{cached}.tmp{os.getpid()}"
             tokenizer = train_tokenizer(sources.sample_texts(docs, 200_000_000), config.data.tokenizer_vocab_size, tmp)
             shutil.rmtree(cached, ignore_errors=True)
@@ -302,6 +304,4 @@ def prepare_tokenizer(config, workdir: str | None = None) -> Tokenizer:
 
 def to_global_batch(batch: dict, sharding) -> dict:
     """Process-local numpy rows -> global jax.Arrays laid out by `sharding` (batch axis first)."""
-    import jax
-
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}

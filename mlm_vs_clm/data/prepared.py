@@ -34,6 +34,7 @@ from grain._src.python.experimental.index_shuffle.python import (
 
 from mlm_vs_clm.config import ConfigError
 from mlm_vs_clm.data.sources import SourceError
+from mlm_vs_clm.data.tokenizer import load_tokenizer
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -353,8 +354,6 @@ def validation_batches(config, num_batches: int) -> list[dict]:
 
 def prepare_tokenizer(config, workdir: str | None):
     """The manifest's tokenizer; `data.tokenizer` (or the run's copy) only if it is the same one."""
-    from mlm_vs_clm.data.tokenizer import load_tokenizer
-
     corpora = open_corpora(config.data.source)
     corpus = corpora[0][0]
     run_copy = os.path.join(workdir, "tokenizer") if workdir else None

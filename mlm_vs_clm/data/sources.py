@@ -27,6 +27,7 @@ import pathlib
 import re
 
 import numpy as np
+import pyarrow.parquet as pq
 from absl import logging
 from etils import epath
 
@@ -105,7 +106,7 @@ class TfdsDocuments(_RandomAccess):
     """
 
     def __init__(self, spec: str, text_field: str = "text"):
-        import tensorflow_datasets as tfds
+        import tensorflow_datasets as tfds  # heavy (pulls in TensorFlow); only `tfds:` sources need it
 
         name, _, split = spec[len("tfds:") :].partition(":")
         if not name:
@@ -235,8 +236,6 @@ def fingerprint(spec: str) -> list:
 def _texts_of_file(path: epath.Path, text_field: str, text_mode: str, stats: SourceStats):
     suffix = path.suffix.lower()
     if suffix in PARQUET_SUFFIXES:
-        import pyarrow.parquet as pq
-
         with path.open("rb") as f:
             parquet = pq.ParquetFile(f)
             if text_field not in parquet.schema_arrow.names:

@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 import os
 
+import pyarrow.parquet as pq
+
 from mlm_vs_clm.data import sources
 from mlm_vs_clm.data.sources import SourceError, SourceStats
 
@@ -48,8 +50,6 @@ def list_pieces(spec: str, text_field: str = "text", jsonl_piece_bytes: int = JS
             st = path.stat()
             size = int(st.st_size if hasattr(st, "st_size") else st.length)
             if suffix in sources.PARQUET_SUFFIXES:
-                import pyarrow.parquet as pq
-
                 with path.open("rb") as f:
                     meta = pq.ParquetFile(f).metadata
                     pieces += [{"kind": "parquet", "path": name, "row_group": g,
@@ -92,8 +92,6 @@ def _raw_texts(piece: dict, text_field: str, text_mode: str, stats: SourceStats)
     if kind == "text":
         yield from sources._texts_of_file(path, text_field, text_mode, stats)
     elif kind == "parquet":
-        import pyarrow.parquet as pq
-
         with path.open("rb") as f:
             parquet = pq.ParquetFile(f)
             if text_field not in parquet.schema_arrow.names:

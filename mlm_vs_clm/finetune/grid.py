@@ -67,7 +67,8 @@ def validate(ft) -> None:
     ft.seeds = tuple(_number_list(ft, "seeds", int))
     if any(lr <= 0 for lr in ft.learning_rates):
         raise ConfigError(f"config: learning_rates must be positive, got {ft.learning_rates}")
-    for key in ("batch_size", "eval_batch_size", "steps", "eval_every", "max_len", "query_max_len", "max_answer_tokens"):
+    positive = ("batch_size", "eval_batch_size", "steps", "eval_every", "max_len", "query_max_len", "max_answer_tokens")
+    for key in positive:
         if int(ft[key]) <= 0:
             raise ConfigError(f"config: {key} must be positive, got {ft[key]}")
     for key in ("token_classification_epochs", "token_classification_min_steps", "max_eval_examples",
@@ -198,7 +199,8 @@ def run_grid(ft, checkpoints: list, tasks: list, workdir: str, mesh=None, progre
                 )
                 report.save_runs(workdir, runs, config_json)
                 if bar is not None:
-                    bar.set_postfix_str(f"{task.name} lr={lr:g} seed={seed} -> {result.test if result.test is None else round(result.test, 2)}")
+                    score = result.test if result.test is None else round(result.test, 2)
+                    bar.set_postfix_str(f"{task.name} lr={lr:g} seed={seed} -> {score}")
                     bar.update(1)
             del encoder
     if bar is not None:

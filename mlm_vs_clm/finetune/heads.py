@@ -96,7 +96,8 @@ def _ce(logits_NxC, labels_N, weights_N):
 
 
 def forward(model: FinetuneModel, params, batch, prefix: str = ""):
-    return model.apply({"params": params}, batch[prefix + "tokens"], batch[prefix + "segment_ids"], batch[prefix + "positions"])
+    return model.apply({"params": params}, batch[prefix + "tokens"], batch[prefix + "segment_ids"],
+                       batch[prefix + "positions"])
 
 
 def loss_fn(model: FinetuneModel, params, batch, temperature: float = 0.05) -> jnp.ndarray:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import re
 
+from mlm_vs_clm.data.demo_corpus import heldout_articles
 from mlm_vs_clm.finetune.tasks import Task
 
 TRUECASE_TAGS = ("O", "B-CAP", "I-CAP", "B-UPPER", "I-UPPER")
@@ -122,8 +123,6 @@ def truecase_examples(articles):
 def news_tasks(articles: list | None = None, seed: int = 0, names=None) -> list:
     """The news suite's tasks (all four, or those named) from held-out articles."""
     if articles is None:
-        from mlm_vs_clm.data.demo_corpus import heldout_articles
-
         articles = heldout_articles()
     splits = split_articles(articles, seed)
     topics = tuple(sorted({a["topic"] for a in articles}))

@@ -11,8 +11,11 @@ in the TFDS catalogue: it is read from local files only.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
+
+import pyarrow.parquet as pq
 
 from mlm_vs_clm.finetune.tasks import SPLITS, Task, check_fields
 
@@ -88,8 +91,6 @@ def read_local(path_prefix: str, kind: str = "") -> list:
             except json.JSONDecodeError as e:
                 raise ValueError(f"data: {path} is not valid JSONL ({e})") from e
     elif os.path.isfile(path_prefix + ".parquet"):
-        import pyarrow.parquet as pq
-
         path = path_prefix + ".parquet"
         rows = pq.read_table(path).to_pylist()
     else:
@@ -114,9 +115,7 @@ def load_task(name: str, data_cfg, max_train: int = 0, max_eval: int = 0) -> Tas
     elif tfds_name is None:
         raise ValueError(f"data: task {name} is read from local files only; put them under data.local_dir/{name}/")
     else:
-        import importlib
-
-        import tensorflow_datasets as tfds
+        import tensorflow_datasets as tfds  # heavy (pulls in TensorFlow); local task files do without it
 
         module = TFDS_MODULES.get(tfds_name.split("/")[0])
         if module:
@@ -125,7 +124,8 @@ def load_task(name: str, data_cfg, max_train: int = 0, max_eval: int = 0) -> Tas
         try:
             train_src = tfds.data_source(tfds_name, split=train_split, **kwargs)
             test_src = tfds.data_source(tfds_name, split=test_split, **kwargs)
-            val_src = tfds.data_source(tfds_name, split=TFDS_VALIDATION[name], **kwargs) if name in TFDS_VALIDATION else None
+            val_src = (tfds.data_source(tfds_name, split=TFDS_VALIDATION[name], **kwargs)
+                       if name in TFDS_VALIDATION else None)
         except Exception as e:  # noqa: BLE001 - TFDS raises many types for a missing dataset
             raise ValueError(
                 f"data: TFDS dataset {tfds_name} is not prepared ({type(e).__name__}); prepare it or "
@@ -139,7 +139,8 @@ def load_task(name: str, data_cfg, max_train: int = 0, max_eval: int = 0) -> Tas
         else:
             train_rows = [convert(train_src[i]) for i in range(len(train_src))]
             val_rows = [convert(val_src[i]) for i in range(len(val_src))]
-        splits = {"train": train_rows, "validation": val_rows, "test": [convert(test_src[i]) for i in range(len(test_src))]}
+        test_rows = [convert(test_src[i]) for i in range(len(test_src))]
+        splits = {"train": train_rows, "validation": val_rows, "test": test_rows}
         source = f"tfds:{tfds_name}"
     splits = {
         "train": _limit(splits["train"], max_train),

@@ -3,7 +3,8 @@ DIR/scores.png (score distributions per checkpoint).
 
 The table, per task and checkpoint: the best learning rate, the test score at that learning
 rate as mean +- sd over seeds (ddof 1, mlm_vs_clm/stats.py: "-" with one seed), and the
-spread across learning rates (min-max of the per-LR mean test scores, and the sd over all runs), so stability is reported next to the best score.
+spread across learning rates (min-max of the per-LR mean test scores, and the sd over all runs),
+so stability is reported next to the best score.
 
 The best learning rate: a run without a score (its loss went non-finite before any
 validation) counts against its rate, so rates are ranked first by their share of runs without
@@ -21,6 +22,7 @@ import json
 import os
 
 import numpy as np
+from matplotlib.figure import Figure
 
 from mlm_vs_clm import stats
 
@@ -149,16 +151,13 @@ def checkpoint_label(path: str) -> str:
 
 def plot(runs: list, path: str) -> None:
     """One panel per task: test scores of every run, one box (plus points) per checkpoint."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     tasks = list(dict.fromkeys(r["task"] for r in runs))
     ckpts = list(dict.fromkeys(r["checkpoint"] for r in runs))
-    fig, axes = plt.subplots(1, max(len(tasks), 1), figsize=(3.2 * max(len(tasks), 1), 3.4), squeeze=False)
+    fig = Figure(figsize=(3.2 * max(len(tasks), 1), 3.4))  # no pyplot: no global backend state
+    axes = fig.subplots(1, max(len(tasks), 1), squeeze=False)
     for ax, task in zip(axes[0], tasks):
-        data = [[r["test"] for r in runs if r["task"] == task and r["checkpoint"] == c and r["test"] is not None] for c in ckpts]
+        data = [[r["test"] for r in runs if r["task"] == task and r["checkpoint"] == c and r["test"] is not None]
+                for c in ckpts]
         ax.boxplot([d if d else [np.nan] for d in data], showfliers=False)
         for i, d in enumerate(data):
             jitter = np.linspace(-0.12, 0.12, len(d)) if len(d) > 1 else np.zeros(len(d))
@@ -170,7 +169,6 @@ def plot(runs: list, path: str) -> None:
         ax.set_xticklabels([checkpoint_label(c) for c in ckpts], rotation=30, ha="right", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def write_reports(workdir: str, runs: list) -> str:

@@ -36,6 +36,9 @@ import time
 
 import ml_collections
 
+from mlm_vs_clm.checkpoint import resolve_step_dir
+from mlm_vs_clm.sweep import runner as sweep
+
 SCHEDULES = ("mlm40", "clm", "clm25_mlm40", "clm50_mlm40", "clm75_mlm40")
 KEEP_FRACTIONS = (0.25, 0.5, 0.75)
 NEWS_TASKS = ("topic", "retrieval", "cloze_qa", "truecase")
@@ -76,8 +79,6 @@ def stage(title: str) -> None:
 
 def run_pretraining(workdir: str, scale: dict) -> dict:
     """(schedule, pretraining seed) -> run folder."""
-    from mlm_vs_clm.sweep import runner as sweep
-
     sweep_dir = os.path.join(workdir, "pretrain")
     runs = sweep.write_plan(sweep_dir, pretrain_sweep(scale))
     failed = sweep.run_local(sweep_dir, runs)
@@ -90,9 +91,6 @@ def run_pretraining(workdir: str, scale: dict) -> dict:
 def run_cpt(workdir: str, scale: dict, sources: dict) -> dict:
     """MLM-40 continued pretraining from the CLM and the MLM runs' final checkpoints, one per
     pretraining seed: (name, seed) -> run folder, for `sources` (name, seed) -> run folder."""
-    from mlm_vs_clm.checkpoint import resolve_step_dir
-    from mlm_vs_clm.sweep import runner as sweep
-
     out = {}
     for key in sorted(k for k in sources if k[0] in ("clm", "mlm40")):
         name, seed = key
@@ -123,8 +121,6 @@ def run_cpt(workdir: str, scale: dict, sources: dict) -> dict:
 
 
 def finetune(workdir: str, name: str, checkpoints: list[str], scale: dict, learning_rates) -> str:
-    from mlm_vs_clm.sweep import runner as sweep
-
     ft_dir = os.path.join(workdir, name)
     os.makedirs(ft_dir, exist_ok=True)
     args = ["mlm_vs_clm.finetune", "--config=configs/finetune.py:news_quick", f"--workdir={ft_dir}",

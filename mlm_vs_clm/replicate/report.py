@@ -33,8 +33,10 @@ import os
 import platform
 
 import numpy as np
+from matplotlib.figure import Figure  # no pyplot: no global backend state
 
 from mlm_vs_clm import stats
+from mlm_vs_clm.checkpoint import resolve_step_dir
 from mlm_vs_clm.finetune import report as ft_report
 
 LABELS = {"mlm40": "MLM-40", "clm": "CLM", "clm25_mlm40": "CLM 25 % -> MLM-40", "clm50_mlm40": "CLM 50 % -> MLM-40",
@@ -125,13 +127,9 @@ def _flops(rows: dict, schedule: str) -> float:
 
 
 def _plots(report_dir, final_runs, middle_runs, runs, steps, middle_ckpts, split_rows):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     files = {}
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig = Figure(figsize=(5, 3.5))
+    ax = fig.subplots()
     for name in ("mlm40", "clm"):
         xs, ms, ss = [], [], []
         for i, frac in enumerate((0.25, 0.5, 0.75)):
@@ -145,9 +143,9 @@ def _plots(report_dir, final_runs, middle_runs, runs, steps, middle_ckpts, split
     fig.tight_layout()
     files["data_efficiency"] = "data_efficiency.png"
     fig.savefig(os.path.join(report_dir, files["data_efficiency"]), dpi=120)
-    plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig = Figure(figsize=(5, 3.5))
+    ax = fig.subplots()
     ax.errorbar([100 * r[0] for r in split_rows], [r[1] for r in split_rows],
                 yerr=np.nan_to_num([r[2] for r in split_rows]), marker="o", capsize=3)
     ax.set_xlabel("% of steps trained with CLM (then MLM-40)"), ax.set_ylabel("news score (mean of tasks)")
@@ -155,9 +153,9 @@ def _plots(report_dir, final_runs, middle_runs, runs, steps, middle_ckpts, split
     fig.tight_layout()
     files["split_ratio"] = "split_ratio.png"
     fig.savefig(os.path.join(report_dir, files["split_ratio"]), dpi=120)
-    plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.subplots()
     names = list(LABELS)
     ax.boxplot([centered_scores(final_runs, runs[n].values()) for n in names], showfliers=True)
     ax.set_xticks(range(1, len(names) + 1), [LABELS[n].replace(" -> ", "\n") for n in names], fontsize=7)
@@ -165,7 +163,6 @@ def _plots(report_dir, final_runs, middle_runs, runs, steps, middle_ckpts, split
     fig.tight_layout()
     files["stability"] = "stability.png"
     fig.savefig(os.path.join(report_dir, files["stability"]), dpi=120)
-    plt.close(fig)
     return files
 
 
@@ -211,8 +208,6 @@ def findings(final_runs, middle_runs, runs, cpt, middle_ckpts, pre_rows, steps, 
 def write(report_dir: str, *, runs: dict, cpt: dict, final_dir: str, middle_dir: str, scale: dict,
           scale_name: str, pretrain_csv: str, elapsed_s: float) -> str:
     """`runs` and `cpt`: (schedule, pretraining seed) -> run folder."""
-    from mlm_vs_clm.checkpoint import resolve_step_dir
-
     os.makedirs(report_dir, exist_ok=True)
     final_runs = ft_report.load_runs(final_dir)
     middle_runs = ft_report.load_runs(middle_dir)

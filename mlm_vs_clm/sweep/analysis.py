@@ -31,6 +31,8 @@ import json
 import os
 
 import numpy as np
+from matplotlib import colormaps, ticker
+from matplotlib.figure import Figure  # no pyplot: no global backend state
 
 from mlm_vs_clm import stats
 from mlm_vs_clm.sweep import scaling_law
@@ -185,8 +187,6 @@ def fit_schedules(rows, loss: str = "auto", fixed_E: float | None = None) -> dic
 
 
 def _figure(ncols: int = 1):
-    from matplotlib.figure import Figure  # no pyplot: no global backend state
-
     fig = Figure(figsize=(5.5 * ncols, 4))
     return fig, [fig.add_subplot(1, ncols, i + 1) for i in range(ncols)]
 
@@ -198,8 +198,6 @@ def _save(fig, path):
 
 
 def _colors(schedules):
-    from matplotlib import colormaps
-
     cmap = colormaps["tab10"]
     return {s: cmap(i % 10) for i, s in enumerate(schedules)}
 
@@ -241,8 +239,6 @@ def plot_vs_compute(rows, col, ylabel, path, fits=None):
 
 
 def _log_x(ax):
-    from matplotlib import ticker
-
     ax.set_xscale("log")
     lo, hi = ax.get_xlim()
     if np.log10(hi / lo) < 1.5:  # less than two powers of ten on the axis: label 2x and 5x too
@@ -279,7 +275,8 @@ def plot_finetune_spread(ft_rows, schedule_of, path):
     fig, axes = _figure(len(tasks))
     rng = np.random.default_rng(0)
     for ax, task in zip(axes, tasks):
-        data = [[r["test"] for r in ft_rows if r["task"] == task and schedule_of[r["run"]] == s and r["test"] is not None]
+        data = [[r["test"] for r in ft_rows
+                 if r["task"] == task and schedule_of[r["run"]] == s and r["test"] is not None]
                 for s in scheds]
         ax.boxplot([d or [np.nan] for d in data], showfliers=False)
         for i, d in enumerate(data):
@@ -427,7 +424,8 @@ def analyze(workdir: str, loss: str = "auto", fixed_E: float | None = None) -> d
     else:
         notes.append("no plots: no finished run has a loss")
     if used and has_ft:
-        files.append(plot_vs_compute(used, "ft_mean", "fine-tuning score (%)", os.path.join(workdir, "score_vs_compute.png")))
+        files.append(plot_vs_compute(used, "ft_mean", "fine-tuning score (%)",
+                                     os.path.join(workdir, "score_vs_compute.png")))
     else:
         notes.append("score_vs_compute.png skipped: results.csv has no fine-tuning scores")
     if ft_rows:

@@ -32,6 +32,7 @@ import dataclasses
 import os
 import re
 
+from mlm_vs_clm import schedules
 from mlm_vs_clm.config import REPO_ROOT, ConfigError, load_config
 
 BRANCH_MODES = ("resume", "none")
@@ -128,8 +129,6 @@ def parse_overrides(items) -> tuple[tuple[str, str], ...]:
 def _clm_prefix(schedule: str, steps: int, mask_ratio: float) -> tuple[int, float]:
     """(CLM steps at the start, mask ratio of the first MLM phase) of a schedule; plain `mlm`
     phases mask `mask_ratio` (the config's mlm.mask_ratio)."""
-    from mlm_vs_clm import schedules
-
     try:
         sched = schedules.objective_schedule(schedule, steps, mask_ratio)
     except ValueError as e:

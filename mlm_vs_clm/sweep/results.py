@@ -17,6 +17,8 @@ import csv
 import json
 import os
 
+from mlm_vs_clm.finetune import report
+
 COLUMNS = ("run", "size", "schedule", "clm_fraction", "mask_ratio", "seed", "params", "steps", "tokens", "flops",
            "wall_s", "val_mlm_loss", "val_clm_loss", "branch_from", "saved_flops", "status")
 FT_COLUMNS = ("run", "task", "lr", "seed", "test", "best_validation", "diverged")
@@ -31,14 +33,10 @@ def _fmt(v):
 
 
 def _finetune(rdir: str) -> list[dict]:
-    from mlm_vs_clm.finetune import report
-
     return report.load_runs(os.path.join(rdir, "finetune"))
 
 
 def write_tables(workdir: str, plan: dict) -> str:
-    from mlm_vs_clm.finetune import report
-
     rows, ft_rows, tasks = [], [], []
     for r in plan["runs"]:
         if not r["in_grid"]:

@@ -55,6 +55,8 @@ import dataclasses
 import itertools
 
 import numpy as np
+from scipy import stats
+from scipy.optimize import least_squares, nnls
 
 PARAMS = ("E", "A", "alpha", "B", "beta")
 MIN_PAIRS = 6  # distinct (N, D)
@@ -148,8 +150,6 @@ def _jacobian(theta, logN, logD, logL):
 
 def _starts(logN, logD, L, keep: int = 6, fixed_E: float | None = None) -> list[np.ndarray]:
     """Grid over (E, alpha, beta); A, B by non-negative least squares; the `keep` best in log error."""
-    from scipy.optimize import nnls
-
     found = []
     fracs = (0.05, 0.3, 0.6, 0.8, 0.95) if fixed_E is None else (fixed_E / L.min(),)
     for frac, alpha, beta in itertools.product(fracs, np.geomspace(0.05, 2.0, 8), np.geomspace(0.05, 2.0, 8)):
@@ -167,9 +167,6 @@ def _starts(logN, logD, L, keep: int = 6, fixed_E: float | None = None) -> list[
 def fit_law(N, D, L, fixed_E: float | None = None) -> LawFit:
     """Fits L = E + A/N^alpha + B/D^beta to points (N_i, D_i, L_i) (see the module docstring);
     with `fixed_E`, E is that value and the four other parameters are fitted."""
-    from scipy import stats
-    from scipy.optimize import least_squares
-
     N, D, L = (np.asarray(x, float).ravel() for x in (N, D, L))
     if not (len(N) == len(D) == len(L)):
         raise ValueError(f"fit_law: N, D and L differ in length ({len(N)}, {len(D)}, {len(L)})")

@@ -17,6 +17,7 @@ import os
 import shlex
 import shutil
 import subprocess
+import sys
 
 from mlm_vs_clm.config import REPO_ROOT
 from mlm_vs_clm.sweep.plan import is_done
@@ -96,8 +97,6 @@ def _sbatch(cmd: list[str], stage: int) -> str:
 
 def slurm_backend(workdir: str, runs: list[dict], sbatch_args: str = "") -> list[str]:
     """Writes the stage scripts and submits them (stage 2 once per trunk); returns the job ids."""
-    import sys
-
     scripts = write_scripts(workdir, runs, sys.executable)
     if not scripts:
         print("sweep: every run is done; nothing to submit")

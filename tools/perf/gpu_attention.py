@@ -51,7 +51,7 @@ def check_attention() -> list[str]:
     rel = lambda a, b: float(jnp.linalg.norm((a - b).astype(jnp.float32)) / jnp.linalg.norm(b.astype(jnp.float32)))
     lines = []
     for causal in (False, True):
-        def ref_loss(q, k, v):
+        def ref_loss(q, k, v, causal=causal):
             o = jax.nn.dot_product_attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
                                              mask=mask, is_causal=causal, implementation="xla")
             return jnp.sum(o * w), o * valid
@@ -60,7 +60,7 @@ def check_attention() -> list[str]:
         for max_segments in (32, 2):
             packed = gpu_ops.packed_segments(seg, max_segments)
 
-            def loss(q, k, v):
+            def loss(q, k, v, packed=packed, causal=causal):
                 o = gpu_ops.attention(q, k, v, mask, packed, causal)
                 return jnp.sum(o.astype(jnp.float32) * w), o
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -22,7 +23,9 @@ import time
 
 import numpy as np
 
-from mlm_vs_clm.data import prepare, prepared
+from mlm_vs_clm.config import load_config
+from mlm_vs_clm.data import prepare, prepared, stream
+from mlm_vs_clm.data.tokenizer import load_tokenizer, train_tokenizer
 
 
 def write_synthetic_corpus(out: str, rows: int, seq_len: int, shards: int = 8, vocab: int = 32000, seed: int = 0):
@@ -51,8 +54,6 @@ def write_synthetic_corpus(out: str, rows: int, seq_len: int, shards: int = 8, v
 
 
 def loader_rows_per_second(corpus_dir: str, processes: int, batch: int, seconds: float, seq_len: int) -> dict:
-    from mlm_vs_clm.config import load_config
-
     config = load_config("configs/pretrain.py:tiny", {"data.source": f"prepared:{corpus_dir}",
                                                       "train.batch_size": batch, "train.seq_len": seq_len})
     prepared._corpora.clear()
@@ -66,8 +67,6 @@ def loader_rows_per_second(corpus_dir: str, processes: int, batch: int, seconds:
         next(it)
         steps += 1
     elapsed = time.perf_counter() - start
-    import resource
-
     return {"processes": processes, "rows_per_step": local, "rows_per_second": steps * local / elapsed,
             "bytes_per_step": int(local * record / rows_in_file),
             "peak_rss_mb_so_far": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
@@ -119,9 +118,6 @@ def _prepare_subprocess(source: str, tok: str, out: str, workers: int, shard_mb:
 
 
 def prepare_rates(work: str, text_mb: list[float], vocab: int, seq_len: int, shard_mb: float) -> list[dict]:
-    from mlm_vs_clm.data import stream
-    from mlm_vs_clm.data.tokenizer import load_tokenizer, train_tokenizer
-
     out = []
     tok_dir = os.path.join(work, "tok")
     for mb in text_mb:

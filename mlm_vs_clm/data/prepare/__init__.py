@@ -37,9 +37,12 @@ import shutil
 import sys
 import time
 
+import grain
 import numpy as np
+from array_record.python.array_record_module import ArrayRecordWriter
+from tqdm import tqdm
 
-from mlm_vs_clm.data import prepared, sources, stream
+from mlm_vs_clm.data import pipeline, prepared, sources, stream
 from mlm_vs_clm.data.sources import SourceError, SourceStats
 from mlm_vs_clm.data.tokenizer import load_tokenizer
 
@@ -99,18 +102,12 @@ def shard_texts(index: int, pieces: list[dict], settings: dict):
 def packed_rows(texts: list[str], tokenizer, seq_len: int):
     """Rows (tokens, segment_ids) of `texts` in order: tokenized and packed by the training
     pipeline's own transforms (`_Tokenize`, `pack_rows`), in this thread."""
-    import grain
-
-    from mlm_vs_clm.data import pipeline
-
     docs = grain.MapDataset.source(texts).map(pipeline._Tokenize(tokenizer))
     for row in pipeline.pack_rows(docs.to_iter_dataset(grain.ReadOptions(num_threads=0)), seq_len):
         yield row["tokens"], row["segment_ids"]
 
 
 def _write(path: str, rows, dtype: str) -> dict:
-    from array_record.python.array_record_module import ArrayRecordWriter
-
     tmp = os.path.join(os.path.dirname(path), f"{TMP}{os.path.basename(path)}.{os.getpid()}")
     writer = ArrayRecordWriter(tmp, "group_size:1,uncompressed")
     n = tokens = 0
@@ -184,7 +181,8 @@ def prepare(source: str, tokenizer: str, seq_len: int, out: str, workers: int = 
                 "token_dtype": prepared.token_dtype(tok.vocab_size)}
     jsonl_piece_bytes = min(int(jsonl_piece_bytes), int(shard_mb * 2**20))  # a piece fits in a shard
     key = {"format_version": prepared.FORMAT_VERSION, "source": source,
-           "source_fingerprint": source_fingerprint(source), "tokenizer_fingerprint": prepared.tokenizer_fingerprint(tok),
+           "source_fingerprint": source_fingerprint(source),
+           "tokenizer_fingerprint": prepared.tokenizer_fingerprint(tok),
            "shard_bytes": int(shard_mb * 2**20), "jsonl_piece_bytes": int(jsonl_piece_bytes),
            **{k: v for k, v in settings.items() if k != "out"}}
     plan_path = os.path.join(out, PLAN)
@@ -217,8 +215,6 @@ def prepare(source: str, tokenizer: str, seq_len: int, out: str, workers: int = 
     pending = [i for i in range(len(shards)) if shard_done(out, i) is None]
     start = time.perf_counter()
     done_tokens = done_docs = 0
-    from tqdm import tqdm
-
     bar = tqdm(total=sum(p["bytes"] for i in pending for p in shards[i]), unit="B", unit_scale=True,
                desc="prepare", disable=None if progress is None else not progress,
                file=sys.stderr)

@@ -21,7 +21,10 @@ import json
 import os
 
 import numpy as np
+import sentencepiece as spm
+import tokenizers
 from absl import logging
+from etils import epath
 
 MODEL_FILE = "spiece.model"
 HF_FILE = "tokenizer.json"
@@ -92,8 +95,6 @@ class SentencePieceTokenizer(Tokenizer):
         self._load()
 
     def _load(self):
-        import sentencepiece as spm
-
         self._sp = spm.SentencePieceProcessor()
         try:
             self._sp.LoadFromSerializedProto(self._proto)
@@ -145,8 +146,6 @@ class HFTokenizer(Tokenizer):
         self._load()
 
     def _load(self):
-        import tokenizers
-
         try:
             self._tok = tokenizers.Tokenizer.from_str(self._json)
         except Exception as e:  # tokenizers raises a bare Exception on bad JSON
@@ -190,8 +189,6 @@ class HFTokenizer(Tokenizer):
 
 def load_tokenizer(path: str) -> Tokenizer:
     """A directory with `spiece.model` or `tokenizer.json`, or either file -> Tokenizer."""
-    from etils import epath
-
     p = epath.Path(path)
     if not p.exists():
         raise TokenizerError(f"tokenizer: {os.fspath(path)!r} does not exist")
@@ -245,8 +242,6 @@ def train_tokenizer(
     text gives the same model in every process (sentencepiece's own sampling differs between
     processes, even after `set_random_generator_seed`, with sentencepiece 0.2.3).
     """
-    import sentencepiece as spm
-
     if model_type not in ("unigram", "bpe"):
         raise TokenizerError(f"tokenizer: model_type {model_type!r} is not 'unigram' or 'bpe'")
     reserved = len(SPECIAL_PIECES) + 256  # special pieces + byte-fallback pieces
@@ -287,7 +282,8 @@ def train_tokenizer(
         raise TokenizerError(f"tokenizer: sentencepiece training failed ({message})") from e
     tokenizer = SentencePieceTokenizer(model.getvalue(), name="trained sentencepiece model")
     if tokenizer.vocab_size < vocab_size:
-        logging.warning("tokenizer: the text supports %d pieces, fewer than vocab_size=%d", tokenizer.vocab_size, vocab_size)
+        logging.warning("tokenizer: the text supports %d pieces, fewer than vocab_size=%d", tokenizer.vocab_size,
+                        vocab_size)
     logging.info("tokenizer: trained %s, %d pieces", model_type, tokenizer.vocab_size)
     if out_dir:
         tokenizer.save(out_dir)
