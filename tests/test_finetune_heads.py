@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from mlm_vs_clm.config import load_config
+from mlm_vs_clm.config import ConfigError, load_config
 from mlm_vs_clm.finetune import grid, heads, runner
 from mlm_vs_clm.finetune.tasks import Task, featurize
 from mlm_vs_clm.model import ModelConfig, init_params
@@ -151,7 +151,7 @@ def _first_position_output(env, attention, tokens):
     tok, cfg, params = env
     task = Task("cls", "classification", {s: classification_examples(8, 0) for s in ("train", "validation", "test")},
                 labels=("a", "b"))
-    ft = ft_config(attention=attention, pooling="first")
+    ft = load_config("configs/finetune.py:news_quick", {"max_len": 32, "attention": attention, "pooling": "first"})
     setup = runner.build(cfg, task, ft, grid.sharding.make_mesh(ft.mesh))
     p = {**setup.init(jax.random.PRNGKey(0)), "encoder": runner.place_encoder(setup, params["encoder"])}
     seg = np.ones_like(tokens)
@@ -170,6 +170,9 @@ def test_attention_knob(env):
     np.testing.assert_allclose(causal[0], causal[1], atol=1e-5)  # the first token sees only itself
     bidi = _first_position_output(env, "bidirectional", a), _first_position_output(env, "bidirectional", b)
     assert np.abs(bidi[0] - bidi[1]).max() > 1e-4
+    # which is why the grid refuses causal attention with first-token pooling
+    with pytest.raises(ConfigError, match="pooling='first' with attention='causal'"):
+        ft_config(attention="causal", pooling="first")
 
 
 def test_retrieval_loss_masks_in_batch_columns_relevant_to_the_query(env):
