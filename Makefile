@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: demo test replicate venv clean
+.PHONY: demo test lint replicate venv clean
 
 $(VENV)/.installed-base: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,9 @@ replicate: $(VENV)/.installed-all
 
 test: $(VENV)/.installed-all
 	$(PY) -m pytest -n 2 -q tests
+
+lint: $(VENV)/.installed-all
+	$(VENV)/bin/ruff check .
 
 clean:
 	rm -rf $(VENV) demo_runs replication_runs

@@ -95,6 +95,9 @@ def get_config(arg: str = "news") -> ml_collections.ConfigDict:
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, rules=_pretrain_rules()))
     c.progress = True
+    # Keep the parameters of the best run of each (task, checkpoint) in WORKDIR/models/ for
+    # `python -m mlm_vs_clm.convert export-hf` (classification and token-classification heads).
+    c.save_models = True
 
     if quick:
         c.learning_rates = (1e-3,) if suite == "news" else (1e-4,)

@@ -14,6 +14,7 @@ from mlm_vs_clm.config import ConfigError, load_config
 from mlm_vs_clm.finetune import grid, report, runner
 from mlm_vs_clm.finetune.tasks import Task
 from tests.test_finetune_heads import classification_examples, ft_config, make_tokenizer, tiny_model, token_examples
+from tests.helpers import run_command
 from tests.test_finetune_tasks import build_wheel
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -178,6 +179,13 @@ def test_cli_news_quick_on_a_saved_checkpoint(tok, tmp_path):
     md = (tmp_path / "out" / "results.md").read_text()
     assert "| topic | accuracy | run@0 |" in md and "| cloze_qa | f1 | run@0 |" in md
     assert (tmp_path / "out" / "scores.png").exists() and "| topic |" in proc.stdout
+    # The best topic run kept its parameters for export-hf; QA heads have no Hugging Face class.
+    kept = grid.model_dir(str(tmp_path / "out"), "topic", results["runs"][0]["checkpoint"])
+    assert os.path.isdir(os.path.join(kept, "checkpoints", "0")) and not (tmp_path / "out" / "models" / "cloze_qa").exists()
+    exported = run_command("convert", ["export-hf", f"--checkpoint={kept}", f"--out={tmp_path / 'hf'}"])
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    hf_config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert len(hf_config["id2label"]) == 5  # the five news topics
     before = (tmp_path / "out" / "results.json").read_bytes()
     again = _cli(args, env)
     assert again.returncode == 0 and (tmp_path / "out" / "results.json").read_bytes() == before

@@ -7,6 +7,12 @@ finds there. Runs under other names (a results.json that named a checkpoint by t
 given) stay in the file and are not reused. A checkpoint is loaded only if one of its runs is
 still missing. The config is stored beside the runs, and a rerun whose result-affecting
 settings (every key but RERUN_FREE_KEYS) differ from it is refused.
+
+With `save_models` (the default), the best run so far of each (task, checkpoint) by validation
+score (a run marked diverged included: its parameters are what it learnt) keeps its parameters in DIR/models/TASK/CHECKPOINT-NAME/, a run directory that
+`python -m mlm_vs_clm.convert export-hf` takes (classification and token classification heads
+fine-tuned with bidirectional attention; other heads have no Hugging Face class and are not
+saved). A better run replaces it; the replacement is written beside it and renamed.
 """
 
 from __future__ import annotations
@@ -14,14 +20,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable
 
 import jax
+import numpy as np
 from absl import logging
 
-from mlm_vs_clm import sharding
+from mlm_vs_clm import checkpoint, sharding
 from mlm_vs_clm.config import ConfigError
+from mlm_vs_clm.convert import ConversionError
+from mlm_vs_clm.convert.finetuned import finetuned_format, save_finetuned
 from mlm_vs_clm.finetune import heads, report, runner
 from mlm_vs_clm.finetune.tasks import featurize
 from mlm_vs_clm.model import MASK_MODES, ModelConfig
@@ -110,7 +120,7 @@ def task_names(ft, known) -> list:
 
 # Keys a rerun in the same workdir may change: the grid's axes (each run records its own task,
 # checkpoint, learning rate and seed) and how the grid is executed. Every other key changes results.
-RERUN_FREE_KEYS = ("learning_rates", "seeds", "checkpoint", "checkpoints", "tasks", "progress", "mesh")
+RERUN_FREE_KEYS = ("learning_rates", "seeds", "checkpoint", "checkpoints", "tasks", "progress", "mesh", "save_models")
 
 
 def _result_settings(config: dict) -> dict:
@@ -198,6 +208,8 @@ def run_grid(ft, checkpoints: list, tasks: list, workdir: str, mesh=None, progre
                     }
                 )
                 report.save_runs(workdir, runs, config_json)
+                if ft.get("save_models", False):
+                    _keep_if_best(ft, workdir, runs, task, ckpt, result, tokenizer)
                 if bar is not None:
                     score = result.test if result.test is None else round(result.test, 2)
                     bar.set_postfix_str(f"{task.name} lr={lr:g} seed={seed} -> {score}")
@@ -207,3 +219,40 @@ def run_grid(ft, checkpoints: list, tasks: list, workdir: str, mesh=None, progre
         bar.close()
     in_grid = {report.run_key(t.name, c.name, lr, s) for t, c, lr, s in grid}
     return [r for r in runs if report.run_key(r["task"], r["checkpoint"], r["lr"], r["seed"]) in in_grid]
+
+
+def model_dir(workdir: str, task_name: str, checkpoint_name: str) -> str:
+    """Where the best run of (task, checkpoint) keeps its parameters."""
+    slug = "_".join(p for p in os.path.normpath(checkpoint_name).split(os.sep)[-3:] if p and p != "checkpoints")
+    return os.path.join(workdir, "models", task_name, slug or "checkpoint")
+
+
+def _keep_if_best(ft, workdir: str, runs: list, task, ckpt, result, tokenizer) -> None:
+    """Save `result`'s parameters if it is the best run of (task, checkpoint) by validation score."""
+    if result.params is None or result.best_validation is None:
+        return  # a run with no validation score has no best parameters
+    try:
+        finetuned_format(task.kind, ft.pooling, ft.get("head", "linear"), ft.attention)
+    except ConversionError:
+        return  # a head with no Hugging Face class: nothing to export, so nothing kept
+    scores = [r["best_validation"] for r in runs if r["task"] == task.name and r["checkpoint"] == ckpt.name
+              and r["best_validation"] is not None]
+    if result.best_validation < max(scores):
+        return
+    if not os.path.isdir(ckpt.name):
+        return  # a checkpoint not read from a folder has no config to save with the model
+    pretrain_config = checkpoint.read_config(checkpoint.resolve_step_dir(ckpt.name))
+    target = model_dir(workdir, task.name, ckpt.name)
+    fresh, old = f"{target}.tmp", f"{target}.old"
+    for leftover in (fresh, old):
+        if os.path.exists(leftover):
+            shutil.rmtree(leftover)
+    params = jax.tree.map(np.asarray, result.params)
+    save_finetuned(fresh, pretrain_config, params, task.kind, ft.pooling, ft.get("head", "linear"), ft.attention,
+                   labels=list(task.labels), tokenizer=tokenizer)
+    if os.path.exists(target):
+        os.rename(target, old)
+    os.rename(fresh, target)
+    if os.path.exists(old):
+        shutil.rmtree(old)
+

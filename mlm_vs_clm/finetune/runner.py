@@ -34,6 +34,7 @@ class RunResult:
     diverged: bool
     reason: str  # '' or why the run counts as diverged
     history: list  # [(step, validation score, mean train loss since the previous validation)]
+    params: object = None  # the parameters of best_step (not written to results.json)
 
 
 @dataclasses.dataclass(eq=False)
@@ -260,4 +261,5 @@ def run(setup: Setup, encoder_params, task: Task, features: dict, lr: float, see
         diverged=bool(reason),
         reason=reason,
         history=history,
+        params=best_params,
     )
