@@ -13,6 +13,7 @@ from ml_collections import config_flags
 
 from mlm_vs_clm import sharding
 from mlm_vs_clm.aot import GIB, check, parse_mesh
+from mlm_vs_clm.config import flags_parser
 
 
 def _define_flags():
@@ -99,4 +100,4 @@ def main(argv):
 
 if __name__ == "__main__":
     FLAGS = _define_flags()
-    app.run(main)
+    app.run(main, flags_parser=flags_parser("aot: "))

@@ -9,6 +9,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from mlm_vs_clm import bench
+from mlm_vs_clm.config import flags_parser
 from mlm_vs_clm.kernels import host_memory
 
 config_flags.DEFINE_config_file("config", "configs/pretrain.py:small", "Pretraining config file:preset.")
@@ -52,4 +53,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=flags_parser("error: "))

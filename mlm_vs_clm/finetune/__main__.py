@@ -15,6 +15,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from mlm_vs_clm.config import flags_parser
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Fine-tuning config: configs/finetune.py:SUITE[,quick].")
 flags.DEFINE_string("workdir", None, "Output folder (results.json, results.md, scores.png).")
@@ -109,4 +111,4 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)))
+    app.run(lambda argv: sys.exit(main(argv)), flags_parser=flags_parser("finetune: "))

@@ -21,7 +21,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from mlm_vs_clm.config import ConfigError
+from mlm_vs_clm.config import ConfigError, flags_parser
 from mlm_vs_clm.sweep.runner import (
     PLAN_FILE,
     analyze,
@@ -104,4 +104,4 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)))
+    app.run(lambda argv: sys.exit(main(argv)), flags_parser=flags_parser("sweep: "))
