@@ -200,7 +200,8 @@ class Checkpointer:
                 if key in saved_model and saved_model[key] != config.model.get(key):
                     differences.append(f"model.{key} is {saved_model[key]!r} there, {config.model.get(key)!r} here")
         if not differences:
-            names = sorted(set(saved) ^ set(wanted)) + sorted(k for k in set(saved) & set(wanted) if saved[k] != wanted[k])
+            names = sorted(set(saved) ^ set(wanted))
+            names += sorted(k for k in set(saved) & set(wanted) if saved[k] != wanted[k])
             differences.append(f"its parameters differ: {', '.join(names[:3])}" + (", ..." if len(names) > 3 else ""))
         return "; ".join(differences)
 
