@@ -246,6 +246,7 @@ def train(config, workdir: str, devices=None) -> dict:
         raise
     finally:
         lock.release()
+        _sigterm.clear()  # handled: a library caller's next run starts afresh
 
 
 def _train(config, workdir: str, devices=None) -> dict:
