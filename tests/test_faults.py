@@ -140,6 +140,18 @@ def test_second_sweep_on_a_folder_stops(tmp_path):
     assert f"is in use by PID {os.getpid()}" in _one_line(proc.stderr)
 
 
+def test_second_finetune_on_a_folder_stops(finished_run, tmp_path):
+    lock = runlock.RunLock(str(tmp_path))
+    try:
+        proc = _run("mlm_vs_clm.finetune", ["--config=configs/finetune.py:news_quick",
+                                            f"--config.checkpoint={finished_run}", f"--workdir={tmp_path}"],
+                    timeout=120)
+    finally:
+        lock.release()
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert f"is in use by PID {os.getpid()}" in _one_line(proc.stderr)
+
+
 # ------------------------------------------------------------------ sweeps leave no orphans
 
 

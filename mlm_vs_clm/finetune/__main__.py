@@ -117,7 +117,6 @@ def main(argv) -> int:
             raise ConfigError(problem)
         _check_results_file(FLAGS.workdir)
         grid.check_workdir(ft, FLAGS.workdir)
-        tasks = _tasks(ft)
     except (ConfigError, ValueError, CheckpointError) as e:
         print(f"finetune: {e}", file=sys.stderr)
         return 2
@@ -127,11 +126,15 @@ def main(argv) -> int:
     except runlock.RunLockError as e:
         print(f"finetune: {e}", file=sys.stderr)
         return 1
+    status = 1
     try:
+        try:
+            tasks = _tasks(ft)
+        except (ConfigError, ValueError) as e:
+            print(f"finetune: {e}", file=sys.stderr)
+            status = 2
+            return status
         status = _run(ft, step_dirs, tasks)
-    except BaseException:
-        status = 1
-        raise
     finally:
         if status != 0:
             lock.release(remove=bool(created))
