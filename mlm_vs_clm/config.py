@@ -11,6 +11,7 @@ import sys
 
 import ml_collections
 from absl import flags
+from ml_collections import config_flags
 
 from mlm_vs_clm import objectives, schedules, sharding
 from mlm_vs_clm.kernels.ops import EMBED_GRAD_F32
@@ -96,6 +97,22 @@ def flags_parser(prefix: str = "error: ", name: str = "config"):
             sys.exit(2)
 
     return parse
+
+
+def define_config_flag(default: str, help_text: str, prefix: str = "error: ", name: str = "config") -> None:
+    """config_flags.DEFINE_config_file with a default config: absl loads it, with the command
+    line's overrides, as the flag is defined, so a bad override is reported here, as one line
+    (exit 2) like flags_parser does."""
+    try:
+        config_flags.DEFINE_config_file(name, default, help_text)
+    except Exception as e:  # noqa: BLE001 - a bad override of the default config: one line, exit 2
+        try:
+            msg = unknown_override(sys.argv, load_config(default), name)
+        except Exception:  # noqa: BLE001 - the default itself does not load: absl's message says why
+            msg = None
+        lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+        print(f"{prefix}{msg or (lines[-1] if lines else type(e).__name__)}", file=sys.stderr)
+        sys.exit(2)
 
 
 def _config_of(argv, name: str):

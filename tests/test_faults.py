@@ -328,13 +328,16 @@ def test_sigterm_during_start_up_stops_before_the_first_step(corpus, tmp_path):
     ("mlm_vs_clm.train", "configs/pretrain.py:tiny", "nonsense=1", "error: unknown config key nonsense"),
     ("mlm_vs_clm.bench", "configs/pretrain.py:tiny", "model.num_layerz=1",
      "error: unknown config key model.num_layerz (did you mean model.num_layers?)"),
+    ("mlm_vs_clm.bench", None, "train.stepz=1",  # its default config, loaded as the flag is defined
+     "error: unknown config key train.stepz (did you mean train.steps?)"),
     ("mlm_vs_clm.aot", "configs/pretrain.py:tiny", "nonsense=1", "aot: unknown config key nonsense"),
     ("mlm_vs_clm.finetune", "configs/finetune.py:news_quick", "stepz=3",
      "finetune: unknown config key stepz (did you mean steps?)"),
     ("mlm_vs_clm.sweep", "configs/sweeps/micro.py", "sizez=1", "sweep: unknown config key sizez (did you mean sizes?)"),
 ])
 def test_unknown_config_keys_are_named(module, config, key, expected, tmp_path):
-    proc = _run(module, [f"--config={config}", f"--config.{key}", f"--workdir={tmp_path / 'w'}"], timeout=120)
+    config_flag = [f"--config={config}"] if config else []
+    proc = _run(module, [*config_flag, f"--config.{key}", f"--workdir={tmp_path / 'w'}"], timeout=120)
     assert proc.returncode == 2
     assert _one_line(proc.stderr) == expected
     assert not (tmp_path / "w").exists()
