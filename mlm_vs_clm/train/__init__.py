@@ -35,11 +35,11 @@ class TrainingError(RuntimeError):
     pass
 
 
-_sigterm = threading.Event()
+_sigterm = [False]  # set by the signal handler: a plain flag (an Event's lock could deadlock there)
 
 
 def _on_sigterm(signum, frame):
-    _sigterm.set()
+    _sigterm[0] = True
 
 
 def install_sigterm_handler() -> None:
@@ -56,7 +56,7 @@ class _StoppedBeforeFirstStep(Exception):
 def _check_startup_stop(what: str) -> None:
     """A SIGTERM during start-up stops the run before its first step (single process: with
     several, the loop's agreement saves the same step everywhere instead)."""
-    if _sigterm.is_set() and jax.process_count() == 1:
+    if _sigterm[0] and jax.process_count() == 1:
         raise _StoppedBeforeFirstStep(what)
 
 
@@ -76,7 +76,7 @@ class _Preemption:
 
     @property
     def requested(self) -> bool:
-        return _sigterm.is_set()
+        return _sigterm[0]
 
     def agreed(self) -> bool:
         if jax.process_count() == 1:
@@ -246,7 +246,7 @@ def train(config, workdir: str, devices=None) -> dict:
         raise
     finally:
         lock.release()
-        _sigterm.clear()  # handled: a library caller's next run starts afresh
+        _sigterm[0] = False  # handled: a library caller's next run starts afresh
 
 
 def _train(config, workdir: str, devices=None) -> dict:
