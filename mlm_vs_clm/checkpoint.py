@@ -7,6 +7,7 @@ Also the read side that other tools use: `load_checkpoint(PATH)` for a trained m
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -22,7 +23,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from mlm_vs_clm import logs
 from mlm_vs_clm.model import LanguageModel, ModelConfig
+
+logs.quiet_library_noise()  # orbax's "Metadata file does not exist" on every restore
 
 CKPT_DIR = "checkpoints"
 CORRUPT_DIR = "checkpoints_corrupt"
@@ -30,6 +34,23 @@ CORRUPT_DIR = "checkpoints_corrupt"
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be used; the message names it and the reason."""
+
+
+def disk_full(error: BaseException) -> bool:
+    """Whether `error`, or an error it wraps (orbax and tensorstore re-raise the OSError of a full
+    disk as other types, in chains and groups), is a full disk."""
+    seen, todo = set(), [error]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(e) or "Disk quota exceeded" in str(e):
+            return True
+        todo += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]
+    return False
 
 
 def _config_dict(config) -> dict:
@@ -56,6 +77,14 @@ class Checkpointer:
         )
         self.manager = self._new_manager(options)
         self._options = options
+        self._in_flight = None  # the step of the save that may still be running
+
+    def _failed(self, step, error: Exception) -> Exception:
+        """A full disk as one line (the error to raise); any other error as it is."""
+        if disk_full(error):
+            return CheckpointError(f"checkpoint at step {step}: no space left on device ({self.directory}); the "
+                                   "previous checkpoint is intact")
+        return error
 
     def _new_manager(self, options):
         return ocp.CheckpointManager(self.directory, options=options)
@@ -72,14 +101,24 @@ class Checkpointer:
             items["data"] = grain.checkpoint.CheckpointSave(data_iter)
         if config is not None:
             items["config"] = ocp.args.JsonSave(_config_dict(config))
-        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        self.wait()  # the previous save's error (a full disk) is its own step's
+        self._in_flight = step
+        try:
+            return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        except Exception as e:  # noqa: BLE001 - a full disk is one line, the rest as it is
+            raise self._failed(step, e) from e
 
     def wait(self):
-        self.manager.wait_until_finished()
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - as in save()
+            raise self._failed(self._in_flight, e) from e
 
     def close(self):
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            self.manager.close()
 
     def restore_latest(self, abstract_state, data_iter=None, data_state_portable: bool = True, config=None):
         """(step, state) from the newest checkpoint that restores; (None, None) if there is none.
@@ -161,7 +200,8 @@ class Checkpointer:
                 if key in saved_model and saved_model[key] != config.model.get(key):
                     differences.append(f"model.{key} is {saved_model[key]!r} there, {config.model.get(key)!r} here")
         if not differences:
-            names = sorted(set(saved) ^ set(wanted)) + sorted(k for k in set(saved) & set(wanted) if saved[k] != wanted[k])
+            names = sorted(set(saved) ^ set(wanted))
+            names += sorted(k for k in set(saved) & set(wanted) if saved[k] != wanted[k])
             differences.append(f"its parameters differ: {', '.join(names[:3])}" + (", ..." if len(names) > 3 else ""))
         return "; ".join(differences)
 

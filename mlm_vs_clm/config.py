@@ -3,11 +3,15 @@ before anything is compiled (one ConfigError naming the key and the reason)."""
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import math
 import os
+import sys
 
 import ml_collections
+from absl import flags
+from ml_collections import config_flags
 
 from mlm_vs_clm import objectives, schedules, sharding
 from mlm_vs_clm.kernels.ops import EMBED_GRAD_F32
@@ -49,6 +53,85 @@ def set_key(config, dotted: str, value) -> None:
     if leaf not in node:
         raise ConfigError(f"config: unknown key {dotted!r}")
     node[leaf] = value
+
+
+def unknown_override(argv, config, name: str = "config") -> str | None:
+    """The first `--NAME.KEY=VALUE` of `argv` whose KEY is not in `config`, as the line to print:
+    `unknown config key train.stepz (did you mean train.steps?)`; None when every key exists."""
+    known = _dotted_keys(config)
+    for arg in argv[1:]:
+        if not arg.startswith(f"--{name}."):
+            continue
+        key = arg[len(name) + 3 :].partition("=")[0]
+        if key in known:
+            continue
+        close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.75)
+        return f"unknown config key {key}" + (f" (did you mean {close[0]}?)" if close else "")
+    return None
+
+
+def _dotted_keys(config, prefix: str = "") -> set[str]:
+    out = set()
+    for k, v in config.items():
+        out.add(prefix + k)
+        if isinstance(v, (ml_collections.ConfigDict, dict)):
+            out |= _dotted_keys(v, f"{prefix}{k}.")
+    return out
+
+
+def flags_parser(prefix: str = "error: ", name: str = "config"):
+    """An absl `flags_parser` for commands with a config flag: a bad flag, config file or override
+    prints one line (`error: unknown config key train.stepz (did you mean train.steps?)`) and
+    exits with status 2, instead of absl's traceback or usage text."""
+
+    def parse(argv):
+        try:
+            return flags.FLAGS(argv)
+        except Exception as e:  # noqa: BLE001 - a bad flag or config: one line, exit 2
+            config = _config_of(argv, name)
+            msg = unknown_override(argv, config, name) if config is not None else None
+            if msg is None:
+                lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+                msg = lines[-1] if lines else type(e).__name__
+            print(f"{prefix}{msg}", file=sys.stderr)
+            sys.exit(2)
+
+    return parse
+
+
+def define_config_flag(default: str, help_text: str, prefix: str = "error: ", name: str = "config") -> None:
+    """config_flags.DEFINE_config_file with a default config: absl loads it, with the command
+    line's overrides, as the flag is defined, so a bad override is reported here, as one line
+    (exit 2) like flags_parser does."""
+    try:
+        config_flags.DEFINE_config_file(name, default, help_text)
+    except Exception as e:  # noqa: BLE001 - a bad override of the default config: one line, exit 2
+        try:
+            msg = unknown_override(sys.argv, load_config(default), name)
+        except Exception:  # noqa: BLE001 - the default itself does not load: absl's message says why
+            msg = None
+        lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+        print(f"{prefix}{msg or (lines[-1] if lines else type(e).__name__)}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _config_of(argv, name: str):
+    """The config that the `--NAME=SPEC` of `argv` (else the flag's default) names, or None."""
+    flag = flags.FLAGS[name] if name in flags.FLAGS else None
+    if flag is not None and isinstance(flag.value, ml_collections.ConfigDict):
+        return flag.value
+    spec = (flag.default_as_str or "").strip("'\"") if flag is not None else None
+    for i, arg in enumerate(argv[1:], 1):
+        if arg.startswith(f"--{name}="):
+            spec = arg.partition("=")[2]
+        elif arg == f"--{name}" and i + 1 < len(argv):
+            spec = argv[i + 1]
+    if not isinstance(spec, str) or not spec:
+        return None
+    try:
+        return load_config(spec)
+    except Exception:  # noqa: BLE001 - a config that does not load: absl's own message says why
+        return None
 
 
 def _require(cond: bool, key: str, reason: str):

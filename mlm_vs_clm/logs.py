@@ -3,9 +3,32 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import jax
+
+# Library log lines that say nothing a user can act on (absl's Python logger carries them):
+# orbax reading a checkpoint written without its optional _CHECKPOINT_METADATA file or clearing
+# the unfinished save a crash left, and the
+# tracebacks its background threads log for a full disk (the command reports that in one line).
+_NOISE = ("Metadata file does not exist", "Attempted to create temporary directory")
+_DISK_FULL = "No space left on device"
+
+
+class _DropNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and record.msg.startswith(_NOISE):
+            return False
+        text = record.getMessage() + (str(record.exc_info[1]) if record.exc_info and record.exc_info[1] else "")
+        return _DISK_FULL not in text
+
+
+def quiet_library_noise() -> None:
+    """Drops the library warnings of _NOISE (once per process, idempotent)."""
+    logger = logging.getLogger("absl")
+    if not any(isinstance(f, _DropNoise) for f in logger.filters):
+        logger.addFilter(_DropNoise())
 
 
 class MetricsWriter:

@@ -13,8 +13,8 @@ import pytest
 from mlm_vs_clm.config import ConfigError, load_config
 from mlm_vs_clm.finetune import grid, report, runner
 from mlm_vs_clm.finetune.tasks import Task
-from tests.test_finetune_heads import classification_examples, ft_config, make_tokenizer, tiny_model, token_examples
 from tests.helpers import run_command
+from tests.test_finetune_heads import classification_examples, ft_config, make_tokenizer, tiny_model, token_examples
 from tests.test_finetune_tasks import build_wheel
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -181,7 +181,8 @@ def test_cli_news_quick_on_a_saved_checkpoint(tok, tmp_path):
     assert (tmp_path / "out" / "scores.png").exists() and "| topic |" in proc.stdout
     # The best topic run kept its parameters for export-hf; QA heads have no Hugging Face class.
     kept = grid.model_dir(str(tmp_path / "out"), "topic", results["runs"][0]["checkpoint"])
-    assert os.path.isdir(os.path.join(kept, "checkpoints", "0")) and not (tmp_path / "out" / "models" / "cloze_qa").exists()
+    assert os.path.isdir(os.path.join(kept, "checkpoints", "0"))
+    assert not (tmp_path / "out" / "models" / "cloze_qa").exists()
     exported = run_command("convert", ["export-hf", f"--checkpoint={kept}", f"--out={tmp_path / 'hf'}"])
     assert exported.returncode == 0, exported.stderr[-2000:]
     hf_config = json.loads((tmp_path / "hf" / "config.json").read_text())

@@ -168,7 +168,8 @@ def test_branch_equals_training_the_clm_prefix_again(local_sweep, tmp_path):
 
 def test_rerun_does_nothing(local_sweep):
     workdir, _ = local_sweep
-    logs = {p: os.path.getsize(os.path.join(workdir, "runs", p, "train.log")) for p in os.listdir(os.path.join(workdir, "runs"))}
+    logs = {p: os.path.getsize(os.path.join(workdir, "runs", p, "train.log"))
+            for p in os.listdir(os.path.join(workdir, "runs"))}
     proc = _cli(*_flag_args(_sweep_config()), f"--workdir={workdir}", "--backend=local")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "3 of 3 runs already done, skipped" in proc.stdout

@@ -14,6 +14,7 @@ from ml_collections import config_flags
 
 from mlm_vs_clm import sharding
 from mlm_vs_clm.aot import CHIPS, GIB, LIBTPU_MISSING, check, objectives_of, parse_mesh, roofline, tpu_devices
+from mlm_vs_clm.config import flags_parser
 
 
 def _define_flags():
@@ -37,6 +38,9 @@ def _define_flags():
                       "of 1 and 2 unrolled layers, per objective; TPU chips of aot.CHIPS).")
     flags.mark_flags_as_required(["config"])
     return flags.FLAGS
+
+
+FLAGS = _define_flags()
 
 
 def _devices_needed(f, topology_devices=None) -> int:
@@ -136,5 +140,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    FLAGS = _define_flags()
-    app.run(main)
+    app.run(main, flags_parser=flags_parser("aot: "))

@@ -6,12 +6,12 @@ import json
 import sys
 
 from absl import app, flags
-from ml_collections import config_flags
 
 from mlm_vs_clm import bench
+from mlm_vs_clm.config import define_config_flag, flags_parser
 from mlm_vs_clm.kernels import host_memory
 
-config_flags.DEFINE_config_file("config", "configs/pretrain.py:small", "Pretraining config file:preset.")
+define_config_flag("configs/pretrain.py:small", "Pretraining config file:preset.")
 flags.DEFINE_string("json", "", "Write the results here as JSON.")
 flags.DEFINE_string("objectives", ",".join(bench.DEFAULT_OBJECTIVES), "Comma-separated objectives to time.")
 flags.DEFINE_integer("steps", 10, "Timed steps per objective (after the warm-up).")
@@ -52,4 +52,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=flags_parser("error: "))

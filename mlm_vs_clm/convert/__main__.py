@@ -14,6 +14,7 @@ import sys
 from absl import app, flags
 
 from mlm_vs_clm.checkpoint import CheckpointError
+from mlm_vs_clm.config import flags_parser
 from mlm_vs_clm.convert.hf_export import export_checkpoint
 from mlm_vs_clm.convert.hf_import import describe_import, import_hf, init_from_flags
 
@@ -48,14 +49,6 @@ def parse_size(text: str) -> int:
     if size <= 0:
         raise ValueError("--shard_size must be positive")
     return size
-
-
-def _parse_flags(argv):
-    try:
-        return FLAGS(argv)
-    except flags.Error as e:  # a bad flag: one line, exit 2
-        print(f"error: {str(e).strip().splitlines()[-1]}", file=sys.stderr)
-        sys.exit(2)
 
 
 def _run(command: str) -> None:
@@ -95,4 +88,4 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)), flags_parser=_parse_flags)
+    app.run(lambda argv: sys.exit(main(argv)), flags_parser=flags_parser())

@@ -9,6 +9,7 @@ import time
 
 from absl import app, flags
 
+from mlm_vs_clm.config import flags_parser
 from mlm_vs_clm.demo import describe_schedule, hf_loader, run_stage
 
 FLAGS = flags.FLAGS
@@ -50,4 +51,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=flags_parser())

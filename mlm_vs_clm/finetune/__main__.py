@@ -4,16 +4,21 @@ Fine-tunes every checkpoint on every task of the suite over the learning-rate x 
 writes DIR/results.json, DIR/results.md and DIR/scores.png; rerunning skips finished runs.
 A checkpoint is named by the step directory it resolves to (a run directory: its newest step).
 Bad input (config, checkpoint, task files, a workdir made with other settings) is found before
-any work and stops with status 2 and one line starting "finetune: ".
+any work and stops with status 2 and one line starting "finetune: ", as does a --workdir that
+is a file, under a file or read-only; a --workdir that another process holds stops with status 1.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from mlm_vs_clm import runlock
+from mlm_vs_clm.config import flags_parser
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Fine-tuning config: configs/finetune.py:SUITE[,quick].")
@@ -39,7 +44,9 @@ def _tasks(ft):
         tasks = news.news_tasks(seed=ft.data.news_seed, names=names)
         if ft.max_train_examples or ft.max_eval_examples:
             for t in tasks:
-                for split, limit in (("train", ft.max_train_examples), ("validation", ft.max_eval_examples), ("test", ft.max_eval_examples)):
+                limits = (("train", ft.max_train_examples), ("validation", ft.max_eval_examples),
+                          ("test", ft.max_eval_examples))
+                for split, limit in limits:
                     if limit:
                         t.splits[split] = t.splits[split][:limit]
         return tasks
@@ -47,8 +54,31 @@ def _tasks(ft):
     return paper.paper_tasks(ft.data, names, ft.max_train_examples, ft.max_eval_examples)
 
 
+def _check_results_file(workdir: str) -> None:
+    """A results.json that parses but is not a results file (runs not a list of run records):
+    one line naming it, before any work."""
+    path = os.path.join(workdir, "results.json")
+    if not os.path.isfile(path):
+        return
+    try:
+        with open(path) as f:
+            results = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"results: {path} cannot be read ({e}); move it away to start afresh") from None
+    runs = results.get("runs") if isinstance(results, dict) else None
+    fields = ("task", "checkpoint", "lr", "seed")
+    if not isinstance(runs, list) or not all(isinstance(r, dict) and all(k in r for k in fields) for r in runs):
+        raise ValueError(f"results: {path} is not a results file ('runs' must be a list of runs with "
+                         f"{', '.join(fields)}); move it away to start afresh")
+    if not isinstance(results.get("config", {}), dict):
+        raise ValueError(f"results: {path} is not a results file ('config' must be an object); move it away "
+                         "to start afresh")
+
+
 def main(argv) -> int:
     del argv
+    if not any(a.startswith(("--verbosity", "-v")) for a in sys.argv[1:]):
+        logging.set_verbosity(logging.WARNING)  # library INFO chatter (libtpu, orbax) off unless asked for
     from mlm_vs_clm.checkpoint import CheckpointError, read_config, resolve_step_dir
     from mlm_vs_clm.config import ConfigError
     from mlm_vs_clm.distributed import enable_compilation_cache
@@ -60,7 +90,7 @@ def main(argv) -> int:
         print(f"finetune: {e}", file=sys.stderr)
         return 2
     enable_compilation_cache()
-    from mlm_vs_clm.finetune import grid, report
+    from mlm_vs_clm.finetune import grid
 
     ft = FLAGS.config
     if ft is None:
@@ -82,18 +112,47 @@ def main(argv) -> int:
         step_dirs = list(dict.fromkeys(resolve_step_dir(p) for p in paths))
         for d in step_dirs:  # a folder without a checkpoint, or one without its config
             read_config(d)
+        problem = runlock.workdir_problem(FLAGS.workdir)
+        if problem:
+            raise ConfigError(problem)
+        _check_results_file(FLAGS.workdir)
         grid.check_workdir(ft, FLAGS.workdir)
-        tasks = _tasks(ft)
     except (ConfigError, ValueError, CheckpointError) as e:
         print(f"finetune: {e}", file=sys.stderr)
         return 2
+    created = runlock.make_workdir(FLAGS.workdir)
+    try:
+        lock = runlock.RunLock(FLAGS.workdir, what="fine-tuning folder")
+    except runlock.RunLockError as e:
+        print(f"finetune: {e}", file=sys.stderr)
+        return 1
+    status = 1
+    try:
+        try:
+            tasks = _tasks(ft)
+        except (ConfigError, ValueError) as e:
+            print(f"finetune: {e}", file=sys.stderr)
+            status = 2
+            return status
+        status = _run(ft, step_dirs, tasks)
+    finally:
+        if status != 0:
+            lock.release(remove=bool(created))
+            runlock.remove_if_empty(created)
+        lock.release()
+    return status
+
+
+def _run(ft, step_dirs, tasks) -> int:
+    from mlm_vs_clm.checkpoint import CheckpointError
+    from mlm_vs_clm.finetune import grid, report
+
     checkpoints = [grid.Checkpoint(d, _loader(d)) for d in step_dirs]
     progress = None
     if ft.progress:
         from tqdm import tqdm
 
         progress = lambda **kw: tqdm(desc="finetune", unit="run", **kw)
-    os.makedirs(FLAGS.workdir, exist_ok=True)
     try:
         runs = grid.run_grid(ft, checkpoints, tasks, FLAGS.workdir, progress=progress)
     except CheckpointError as e:  # a checkpoint that does not fit its model (finished runs are kept)
@@ -102,6 +161,9 @@ def main(argv) -> int:
     except ValueError as e:
         print(f"finetune: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # a full disk, or a folder gone while it wrote
+        print(f"finetune: {e.strerror or e}: {e.filename or FLAGS.workdir}", file=sys.stderr)
+        return 1
     table = report.write_reports(FLAGS.workdir, runs)
     logging.info("finetune: %d runs in %s", len(runs), FLAGS.workdir)
     print(table)
@@ -109,4 +171,4 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)))
+    app.run(lambda argv: sys.exit(main(argv)), flags_parser=flags_parser("finetune: "))

@@ -9,7 +9,8 @@ still missing. The config is stored beside the runs, and a rerun whose result-af
 settings (every key but RERUN_FREE_KEYS) differ from it is refused.
 
 With `save_models` (the default), the best run so far of each (task, checkpoint) by validation
-score (a run marked diverged included: its parameters are what it learnt) keeps its parameters in DIR/models/TASK/CHECKPOINT-NAME/, a run directory that
+score (a run marked diverged included: its parameters are what it learnt) keeps its parameters
+in DIR/models/TASK/CHECKPOINT-NAME/, a run directory that
 `python -m mlm_vs_clm.convert export-hf` takes (classification and token classification heads
 fine-tuned with bidirectional attention; other heads have no Hugging Face class and are not
 saved). A better run replaces it; the replacement is written beside it and renamed.

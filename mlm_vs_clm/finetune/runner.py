@@ -89,7 +89,8 @@ def _row_sharding(mesh, ndim):
 
 
 def build(model_cfg: ModelConfig, task: Task, ft, mesh) -> Setup:
-    model = heads.FinetuneModel(model_cfg, task.kind, task.num_outputs, ft.pooling, ft.attention, ft.get("head", "linear"))
+    model = heads.FinetuneModel(model_cfg, task.kind, task.num_outputs, ft.pooling, ft.attention,
+                                ft.get("head", "linear"))
     rules = sharding.rules(ft)
     o = ft.optimizer
     tx = optax.chain(
@@ -162,7 +163,7 @@ def _predict_all(setup: Setup, params, arrays: dict, prefix: str = ""):
     bs = setup.ft.eval_batch_size
     for chunk, real in _batches(arrays, bs, prefix):
         out = setup.predict(params, _device_batch(setup, chunk))
-        outs.append(jax.tree.map(lambda x: np.asarray(x)[:real], out))
+        outs.append(jax.tree.map(lambda x, real=real: np.asarray(x)[:real], out))
     return jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
 
 
@@ -174,7 +175,8 @@ def evaluate(setup: Setup, params, task: Task, split: dict) -> dict:
             q_QxD = _predict_all(setup, params, arrays, "q_")
             d_CxD = _predict_all(setup, params, meta["corpus"])
             return metrics.ranking_scores(q_QxD @ d_CxD.T, meta["relevant"])
-        out = _predict_all(setup, params, {k: v for k, v in arrays.items() if k in ("tokens", "segment_ids", "positions")})
+        inputs = {k: v for k, v in arrays.items() if k in ("tokens", "segment_ids", "positions")}
+        out = _predict_all(setup, params, inputs)
     if task.kind == "classification":
         return {"accuracy": metrics.accuracy(out.argmax(-1), meta["labels"])}
     if task.kind == "token_classification":
@@ -202,7 +204,8 @@ def chance_score(task: Task, features: dict) -> float:
         return 100.0 * sum(not g for g in golds) / len(golds) if task.unanswerable else 0.0
     if task.kind == "retrieval":
         docs = len(meta["corpus"]["tokens"])
-        return float(np.mean([metrics.random_ranking_scores(docs, 10, len(rel))["ndcg@10"] for rel in meta["relevant"]]))
+        scores = [metrics.random_ranking_scores(docs, 10, len(rel))["ndcg@10"] for rel in meta["relevant"]]
+        return float(np.mean(scores))
     return 0.0
 
 

@@ -8,6 +8,7 @@ import time
 
 from absl import app, flags
 
+from mlm_vs_clm.config import flags_parser
 from mlm_vs_clm.replicate import (
     SCALES,
     SCHEDULES,
@@ -64,4 +65,4 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)))
+    app.run(lambda argv: sys.exit(main(argv)), flags_parser=flags_parser())

@@ -11,19 +11,28 @@ Rerunning skips finished runs (DIR/runs/ID/done.json) and resumes unfinished one
 
 Other verbs: `sweep analyze --workdir=DIR` (collect + fit + plots + summary.md);
 `sweep run-one --workdir=DIR --run=ID` (what each backend runs for one run).
+
+`run`, `analyze` and `collect` hold DIR/.lock (one sweep per folder: a second one stops with a
+line naming the holder); each run's own folder is held by its train and finetune processes.
+SIGTERM or SIGINT stops the sweep: its running children get SIGTERM and save their
+checkpoints, nothing new starts, and the sweep exits 0 (rerun to resume). Children also end
+when the sweep is killed outright (mlm_vs_clm/sweep/runner.py).
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from mlm_vs_clm.config import ConfigError
+from mlm_vs_clm import runlock
+from mlm_vs_clm.config import ConfigError, flags_parser
 from mlm_vs_clm.sweep.runner import (
     PLAN_FILE,
+    SweepStopped,
     analyze,
     branch_saving,
     collect,
@@ -34,6 +43,8 @@ from mlm_vs_clm.sweep.runner import (
     print_backend,
     run_local,
     run_one,
+    stop_children,
+    stopping,
     write_plan,
 )
 
@@ -56,6 +67,33 @@ def main(argv) -> int:
         print("sweep: --workdir is required", file=sys.stderr)
         return 2
     workdir = os.path.abspath(FLAGS.workdir)
+    if verb in ("run", "run-one"):  # children save their checkpoints and the sweep stops
+        signal.signal(signal.SIGTERM, stop_children)
+        signal.signal(signal.SIGINT, stop_children)
+    if verb not in ("run", "analyze", "collect") or (verb != "run" and not os.path.isdir(workdir)):
+        return _verb(verb, workdir)  # each run's folder is held by its own train and finetune
+    problem = runlock.workdir_problem(workdir)
+    if problem:
+        print(f"sweep: {problem}", file=sys.stderr)
+        return 2
+    created = runlock.make_workdir(workdir) if verb == "run" else []
+    try:
+        lock = runlock.RunLock(workdir, what="sweep folder")
+    except runlock.RunLockError as e:
+        print(f"sweep: {e}", file=sys.stderr)
+        return 1
+    status = 1
+    try:
+        status = _verb(verb, workdir)
+    finally:
+        if status != 0:
+            lock.release(remove=bool(created))
+            runlock.remove_if_empty(created)
+        lock.release()
+    return status
+
+
+def _verb(verb: str, workdir: str) -> int:
     try:
         if verb == "analyze":
             analyze(workdir)
@@ -67,7 +105,11 @@ def main(argv) -> int:
             if not FLAGS.run:
                 raise ConfigError(f"{verb}: --run=ID is required")
             if verb == "run-one":
-                run_one(workdir, FLAGS.run)
+                try:
+                    run_one(workdir, FLAGS.run)
+                except SweepStopped:
+                    print(f"sweep: stopped {FLAGS.run} by a signal; its checkpoint is saved (rerun to resume)")
+                    return 0
             else:
                 saved = load_plan(workdir)
                 run = plan_run(saved, workdir, FLAGS.run)
@@ -99,9 +141,13 @@ def main(argv) -> int:
             return 1
         return 0
     failed = run_local(workdir, runs, FLAGS.parallel)
+    if stopping():
+        print("sweep: stopped by a signal: the runs in progress saved their checkpoints; rerun the same command "
+              "to resume", flush=True)
+        return 0
     analyze(workdir)
     return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)))
+    app.run(lambda argv: sys.exit(main(argv)), flags_parser=flags_parser("sweep: "))

@@ -3,13 +3,21 @@
 
 Start-up order: resume from DIR's newest valid checkpoint, else `init_from` (parameters of
 another run: CLM -> MLM continuation), else from scratch. Running the same command again
-resumes. SIGTERM saves a checkpoint at the current step and exits 0.
+resumes. SIGTERM saves a checkpoint at the current step and exits 0; during start-up (before
+the first step) it stops with nothing to save.
+
+A run folder has one owner: the first process holds DIR/.lock (mlm_vs_clm/runlock.py) and a
+second one stops with a RunLockError naming it. The folder is checked before anything is built
+(a file, under a file, read-only: a WorkdirError); a finished run on a read-only folder reports
+its results without writing. A run that fails leaves no empty folder it created behind.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import threading
 import time
 
 import jax
@@ -18,13 +26,38 @@ import numpy as np
 from absl import logging
 
 from mlm_vs_clm import checkpoint as ckpt_lib
-from mlm_vs_clm import logs, sharding, train_state
+from mlm_vs_clm import logs, runlock, sharding, train_state
 from mlm_vs_clm import step as step_lib
 from mlm_vs_clm.config import ConfigError, validate
 
 
 class TrainingError(RuntimeError):
     pass
+
+
+_sigterm = [False]  # set by the signal handler: a plain flag (an Event's lock could deadlock there)
+
+
+def _on_sigterm(signum, frame):
+    _sigterm[0] = True
+
+
+def install_sigterm_handler() -> None:
+    """From now on SIGTERM only sets a flag that start-up and the training loop read (the
+    command installs it first thing; `train` again, for library callers)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+class _StoppedBeforeFirstStep(Exception):
+    pass
+
+
+def _check_startup_stop(what: str) -> None:
+    """A SIGTERM during start-up stops the run before its first step (single process: with
+    several, the loop's agreement saves the same step everywhere instead)."""
+    if _sigterm[0] and jax.process_count() == 1:
+        raise _StoppedBeforeFirstStep(what)
 
 
 class _Preemption:
@@ -37,13 +70,13 @@ class _Preemption:
     long finished: the host never waits for the step it has just dispatched."""
 
     def __init__(self, mesh):
-        self.requested = False
         self._mesh = mesh
         self._pending = None
-        signal.signal(signal.SIGTERM, self._handle)
+        install_sigterm_handler()
 
-    def _handle(self, signum, frame):
-        self.requested = True
+    @property
+    def requested(self) -> bool:
+        return _sigterm[0]
 
     def agreed(self) -> bool:
         if jax.process_count() == 1:
@@ -160,8 +193,66 @@ def evaluate(setup, params, val_batches, config) -> dict:
     return out
 
 
+def _finished_step_dir(workdir: str, steps: int) -> str | None:
+    """The run's checkpoint at its last step, if it has one (orbax renames a step folder into
+    place only when complete)."""
+    step_dir = os.path.join(workdir, ckpt_lib.CKPT_DIR, str(steps))
+    return step_dir if os.path.isdir(os.path.join(step_dir, "state")) else None
+
+
+def _last_records(workdir: str, step: int) -> dict:
+    """The last training record and the last evaluation up to `step` from metrics.jsonl, merged."""
+    last: dict = {}
+    try:
+        with open(os.path.join(workdir, "metrics.jsonl")) as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if record.get("step", 0) <= step:
+                    last.update(record)
+    except OSError:
+        pass
+    return last
+
+
+def _print_done(step: int, tokens_per_step: int, last: dict, directory: str) -> None:
+    summary = [f"{k} {last[k]:.4f}" for k in ("loss", "val_mlm_loss", "val_clm_loss") if k in last]
+    print(", ".join([f"done: step {step}", f"{step * tokens_per_step:,} tokens", *summary])
+          + f"; checkpoints in {directory}", flush=True)
+
+
 def train(config, workdir: str, devices=None) -> dict:
     """Runs (or resumes) one pretraining run on `devices` (default: all); returns the last record."""
+    install_sigterm_handler()
+    problem = runlock.workdir_problem(workdir)
+    t = config.train
+    if problem and "read-only" in problem and _finished_step_dir(workdir, t.steps):
+        last = _last_records(workdir, t.steps)  # finished: report it, write nothing
+        _print_done(t.steps, t.batch_size * t.seq_len, last, os.path.join(os.path.abspath(workdir), ckpt_lib.CKPT_DIR))
+        return last
+    if problem:
+        raise runlock.WorkdirError(problem)
+    created = runlock.make_workdir(workdir)
+    lock = runlock.RunLock(workdir, jax.process_index())
+    try:
+        return _train(config, workdir, devices)
+    except _StoppedBeforeFirstStep as e:
+        print(f"stopped: SIGTERM during start-up ({e}), before the first step; nothing to save", flush=True)
+        lock.release(remove=bool(created))
+        runlock.remove_if_empty(created)
+        return {}
+    except BaseException:
+        lock.release(remove=bool(created))
+        runlock.remove_if_empty(created)
+        raise
+    finally:
+        lock.release()
+        _sigterm[0] = False  # handled: a library caller's next run starts afresh
+
+
+def _train(config, workdir: str, devices=None) -> dict:
     from mlm_vs_clm.data import pipeline
 
     devices = list(devices) if devices is not None else jax.devices()
@@ -173,9 +264,10 @@ def train(config, workdir: str, devices=None) -> dict:
     if config.init_from and config.get("init_from_architecture", False):
         adopt_architecture(config, workdir if resuming else config.init_from, "resume" if resuming else "init_from")
     validate(config, len(devices), resuming=resuming)
-    os.makedirs(workdir, exist_ok=True)
+    _check_startup_stop("config")
     tokenizer = pipeline.prepare_tokenizer(config, workdir)
     _apply_tokenizer(config, tokenizer)
+    _check_startup_stop("tokenizer")
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json(indent=2))
@@ -188,15 +280,22 @@ def train(config, workdir: str, devices=None) -> dict:
         _to_global({k: v[jax.process_index() * rows : (jax.process_index() + 1) * rows] for k, v in b.items()}, mesh)
         for b in pipeline.validation_batches(config, tokenizer, config.train.eval_batches)
     ]
+    _check_startup_stop("data")
     t = config.train
     checkpointer = ckpt_lib.Checkpointer(workdir, keep=t.keep, keep_steps=tuple(t.keep_steps))
-    state, start, how = initial_state(setup, checkpointer, data_iter, config)
+    try:
+        state, start, how = initial_state(setup, checkpointer, data_iter, config)
+        _check_startup_stop("restore")
+    except BaseException:
+        checkpointer.close()
+        raise
     print(f"{how}; {t.steps} steps of {t.batch_size}x{t.seq_len} tokens, objective {config.objective}, "
           f"mesh {dict(mesh.shape)}", flush=True)
     writer = logs.MetricsWriter(workdir, start, t.steps, progress=t.progress)
     preemption = _Preemption(mesh)
     tokens_per_step = t.batch_size * t.seq_len
     pending, last, t_last = None, {}, time.time()
+    failed = True  # an error on the way out is reported, not one of closing after it
 
     def flush(pending):
         nonlocal t_last, last
@@ -247,14 +346,18 @@ def train(config, workdir: str, devices=None) -> dict:
                 break
         if pending is not None:
             flush(pending)
+        failed = False
     finally:  # pending asynchronous saves complete even when the run stops on an error
-        checkpointer.close()
-        writer.close()
-    tokens_seen = int(state.step) * tokens_per_step
-    summary = {k: last[k] for k in ("loss", "val_mlm_loss", "val_clm_loss") if k in last}
-    print(f"done: step {int(state.step)}, {tokens_seen:,} tokens, "
-          + ", ".join(f"{k} {v:.4f}" for k, v in summary.items()) + f"; checkpoints in {checkpointer.directory}",
-          flush=True)
+        for close in (checkpointer.close, writer.close):
+            try:
+                close()
+            except Exception:
+                if not failed:
+                    raise
+                logging.warning("closing after an error failed too", exc_info=True)
+    if not last:  # a finished run rerun: nothing trained, report what it had
+        last = _last_records(workdir, int(state.step))
+    _print_done(int(state.step), tokens_per_step, last, checkpointer.directory)
     return last
 
 

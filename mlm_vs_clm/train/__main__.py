@@ -1,9 +1,12 @@
 """`python -m mlm_vs_clm.train --config=configs/pretrain.py:tiny,clm50_mlm40 --workdir=DIR`: the
 pretraining command over `mlm_vs_clm.train.train` (exit status 2: a bad flag, config or data
-source; 1: a checkpoint or training failure)."""
+source, or a --workdir that is a file, under a file or read-only; 1: a checkpoint or training
+failure, a full disk, or a --workdir that another process holds)."""
 
 from __future__ import annotations
 
+import errno
+import os
 import sys
 
 from absl import app, flags, logging
@@ -11,11 +14,12 @@ from ml_collections import config_flags
 
 from mlm_vs_clm import distributed
 from mlm_vs_clm import train as train_lib
-from mlm_vs_clm.checkpoint import CheckpointError
-from mlm_vs_clm.config import ConfigError
+from mlm_vs_clm.checkpoint import CheckpointError, disk_full
+from mlm_vs_clm.config import ConfigError, flags_parser
 from mlm_vs_clm.data.errors import SourceError
 from mlm_vs_clm.data.tokenizer import TokenizerError
 from mlm_vs_clm.kernels import host_memory
+from mlm_vs_clm.runlock import RunLockError, WorkdirError
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/pretrain.py:tiny,clm50_mlm40.")
@@ -31,17 +35,16 @@ flags.DEFINE_integer(
 )
 
 
-def _parse_flags(argv):
-    try:
-        return FLAGS(argv)
-    except Exception as e:  # noqa: BLE001 - a bad flag or config: one line, exit 2
-        msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        print(f"error: {msg}", file=sys.stderr)
-        sys.exit(2)
+def _os_error_line(e: OSError, workdir: str) -> str:
+    where = e.filename or workdir
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"no space left on device writing {where}"
+    return f"{e.strerror or e}: {where}"
 
 
 def main(argv):
     del argv
+    train_lib.install_sigterm_handler()  # first: start-up (data, tokenizer, restore) takes seconds
     if not any(a.startswith(("--verbosity", "-v")) for a in sys.argv[1:]):
         logging.set_verbosity(logging.WARNING)  # library INFO chatter off unless asked for
     if FLAGS.config is None or not FLAGS.workdir:
@@ -59,13 +62,24 @@ def main(argv):
     distributed.enable_compilation_cache()
     try:
         train_lib.train(FLAGS.config, FLAGS.workdir)
-    except (ConfigError, SourceError, TokenizerError) as e:
+    except (ConfigError, SourceError, TokenizerError, WorkdirError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except (CheckpointError, train_lib.TrainingError) as e:
+    except (CheckpointError, train_lib.TrainingError, RunLockError) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        _exit(1) if disk_full(e) else sys.exit(1)
+    except OSError as e:  # a full disk or a folder that went away while the run wrote to it
+        print(f"error: {_os_error_line(e, FLAGS.workdir)}", file=sys.stderr)
+        _exit(1) if disk_full(e) else sys.exit(1)
+
+
+def _exit(status: int):
+    """Exit without the interpreter's teardown: after a full disk, the checkpoint writer's
+    threads print tracebacks there about their closed event loop (the run is closed already)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse_flags)
+    app.run(main, flags_parser=flags_parser("error: "))

@@ -10,6 +10,7 @@ import sys
 from absl import app, flags
 
 from mlm_vs_clm.bench.data_path import loader_rows_per_second, prepare_rates, write_synthetic_corpus
+from mlm_vs_clm.config import flags_parser
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("dir", "/tmp/prepare_bench", "Scratch folder for the synthetic corpora.")
@@ -41,4 +42,4 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)))
+    app.run(lambda argv: sys.exit(main(argv)), flags_parser=flags_parser())

@@ -7,6 +7,7 @@ import sys
 
 from absl import app, flags
 
+from mlm_vs_clm.config import flags_parser
 from mlm_vs_clm.data.prepare import prepare
 from mlm_vs_clm.data.sources import SourceError
 from mlm_vs_clm.data.tokenizer import TokenizerError
@@ -39,4 +40,4 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)))
+    app.run(lambda argv: sys.exit(main(argv)), flags_parser=flags_parser())

@@ -8,6 +8,7 @@ import sys
 
 from absl import app, flags
 
+from mlm_vs_clm.config import flags_parser
 from mlm_vs_clm.data import sources
 from mlm_vs_clm.data.tokenizer import MODEL_FILE, TokenizerError, train_tokenizer
 
@@ -37,4 +38,4 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)))
+    app.run(lambda argv: sys.exit(main(argv)), flags_parser=flags_parser())
