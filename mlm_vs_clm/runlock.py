@@ -87,6 +87,12 @@ class RunLock:
         os.close(self._fd)
         self._fd = None
 
+    def undo(self, created: list[str]) -> None:
+        """After a command that failed or stopped before its work: drop the lock with its file and
+        remove the folders `make_workdir` created, if they are empty."""
+        self.release(remove=bool(created))
+        remove_if_empty(created)
+
     def __enter__(self):
         return self
 

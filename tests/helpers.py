@@ -1,6 +1,7 @@
 """Small builders shared by the tests."""
 
 import os
+import random
 import subprocess
 import sys
 
@@ -53,3 +54,14 @@ def run_command(module: str, argv: list[str], timeout: int = 300):
     env.update(JAX_PLATFORMS="cpu", PYTHONPATH=repo)
     return subprocess.run([sys.executable, "-m", f"mlm_vs_clm.{module}", *argv], cwd=repo, env=env,
                           capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def write_word_corpus(folder, documents: int = 120, seed: int = 0) -> str:
+    """Small plain-text documents of news-like words in `folder`; returns their glob."""
+    rng = random.Random(seed)
+    words = "the bank said shares rose while the team won its game and the minister spoke on the film".split()
+    for i in range(documents):
+        text = " ".join(rng.choice(words) for _ in range(rng.randint(10, 80))) + ".\n"
+        with open(os.path.join(folder, f"d{i}.txt"), "w") as f:
+            f.write(text)
+    return os.path.join(str(folder), "*.txt")

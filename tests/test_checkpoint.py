@@ -17,18 +17,14 @@ from mlm_vs_clm import sharding, train_state
 from mlm_vs_clm.config import ConfigError, load_config, validate
 from mlm_vs_clm.data import pipeline
 from mlm_vs_clm.train import TrainingError, train
+from tests.helpers import write_word_corpus
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    d = tmp_path_factory.mktemp("corpus")
-    rng = random.Random(0)
-    words = "the bank said shares rose while the team won its game and the minister spoke on the film".split()
-    for i in range(120):
-        (d / f"d{i}.txt").write_text(" ".join(rng.choice(words) for _ in range(rng.randint(10, 80))) + ".\n")
-    return str(d / "*.txt")
+    return write_word_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 def _config(corpus, objective="clm50_mlm40", **kw):

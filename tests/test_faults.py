@@ -6,7 +6,6 @@ in test_checkpoint.py."""
 
 import json
 import os
-import random
 import shutil
 import signal
 import socket
@@ -17,6 +16,7 @@ import time
 import pytest
 
 from mlm_vs_clm import runlock
+from tests.helpers import write_word_corpus
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "",
@@ -26,12 +26,7 @@ ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    d = tmp_path_factory.mktemp("corpus")
-    rng = random.Random(0)
-    words = "the bank said shares rose while the team won its game and the minister spoke on the film".split()
-    for i in range(120):
-        (d / f"d{i}.txt").write_text(" ".join(rng.choice(words) for _ in range(rng.randint(10, 80))) + ".\n")
-    return str(d / "*.txt")
+    return write_word_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 def _train_flags(corpus, workdir, steps=12, *extra):

@@ -137,8 +137,7 @@ def main(argv) -> int:
         status = _run(ft, step_dirs, tasks)
     finally:
         if status != 0:
-            lock.release(remove=bool(created))
-            runlock.remove_if_empty(created)
+            lock.undo(created)
         lock.release()
     return status
 

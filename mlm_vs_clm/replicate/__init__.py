@@ -38,6 +38,7 @@ import ml_collections
 
 from mlm_vs_clm.checkpoint import resolve_step_dir
 from mlm_vs_clm.sweep import runner as sweep
+from mlm_vs_clm.sweep.children import run_child
 
 SCHEDULES = ("mlm40", "clm", "clm25_mlm40", "clm50_mlm40", "clm75_mlm40")
 KEEP_FRACTIONS = (0.25, 0.5, 0.75)
@@ -114,9 +115,9 @@ def run_cpt(workdir: str, scale: dict, sources: dict) -> dict:
         args += [f"--config.{kv}" for kv in scale["overrides"]] + [f"--config.data.seed={DATA_SEED}"]
         start = time.time()
         print(f"cpt: MLM-40 for {scale['cpt_steps']} steps from the {name} run of seed {seed}", flush=True)
-        sweep._subprocess(args, os.path.join(rdir, "train.log"))
+        run_child(args, os.path.join(rdir, "train.log"))
         with open(done, "w") as f:
-            json.dump({"wall_s": time.time() - start, **made_from, **sweep._final_metrics(rdir)}, f)
+            json.dump({"wall_s": time.time() - start, **made_from, **sweep.final_metrics(rdir)}, f)
     return out
 
 
@@ -129,7 +130,7 @@ def finetune(workdir: str, name: str, checkpoints: list[str], scale: dict, learn
             "--config.progress=False"] + [f"--config.{kv}" for kv in scale["ft_overrides"]]
     print(f"finetune: {len(checkpoints)} checkpoints x {len(scale['tasks'])} tasks x {len(learning_rates)} "
           f"learning rates x {len(scale['seeds'])} seeds -> {ft_dir}", flush=True)
-    sweep._subprocess(args, os.path.join(ft_dir, "finetune.log"))
+    run_child(args, os.path.join(ft_dir, "finetune.log"))
     return ft_dir
 
 

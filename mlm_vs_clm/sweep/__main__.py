@@ -30,9 +30,9 @@ from ml_collections import config_flags
 
 from mlm_vs_clm import runlock
 from mlm_vs_clm.config import ConfigError, flags_parser
+from mlm_vs_clm.sweep.children import SweepStopped, stop_children, stopping
 from mlm_vs_clm.sweep.runner import (
     PLAN_FILE,
-    SweepStopped,
     analyze,
     branch_saving,
     collect,
@@ -43,8 +43,6 @@ from mlm_vs_clm.sweep.runner import (
     print_backend,
     run_local,
     run_one,
-    stop_children,
-    stopping,
     write_plan,
 )
 
@@ -87,8 +85,7 @@ def main(argv) -> int:
         status = _verb(verb, workdir)
     finally:
         if status != 0:
-            lock.release(remove=bool(created))
-            runlock.remove_if_empty(created)
+            lock.undo(created)
         lock.release()
     return status
 

@@ -86,3 +86,9 @@ def _write_csv(path: str, columns, rows) -> None:
         for row in rows:
             w.writerow([_fmt(row.get(c)) for c in columns])
     os.replace(tmp, path)
+
+
+def budgets(rows) -> list[tuple[str, int]]:
+    """(size, steps) pairs, smallest model and fewest steps first."""
+    key = {(r["size"], r["steps"]): (r["params"], r["steps"], r["size"]) for r in rows}
+    return sorted(key, key=key.get)

@@ -1,81 +1,29 @@
 """The sweep's machinery (no flags: importable from other tools): the plan on disk, one run
 (prepare a branch, train, fine-tune, record), the local and print backends, and collection.
-The command line is mlm_vs_clm/sweep.py; the grid is sweep_plan.py.
-
-Children (the train and finetune commands) end with the sweep: each runs in a process group of
-its own with PR_SET_PDEATHSIG = SIGTERM (Linux), so a sweep killed with -9 still stops them,
-each saving its checkpoint; `stop_children()` (the sweep's SIGTERM and SIGINT handler) sends
-them SIGTERM and the sweep starts nothing more. Each invocation of a run adds its training time
+The command line is sweep/__main__.py; the grid is plan.py; the child processes, children.py.
+Each invocation of a run adds its training time
 to DIR/runs/ID/wall_s.json, whose sum is the run's `wall_s`.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import ctypes
-import ctypes.util
 import hashlib
 import json
 import os
 import shlex
 import shutil
-import signal
-import subprocess
 import sys
 import time
 
 from mlm_vs_clm.config import ConfigError
+from mlm_vs_clm.sweep import children
 from mlm_vs_clm.sweep import plan as sweep_plan
+from mlm_vs_clm.sweep.children import run_child
 from mlm_vs_clm.sweep.plan import is_done, run_dir
 
 PLAN_FILE = "plan.json"
 WALL_FILE = "wall_s.json"
-_PR_SET_PDEATHSIG = 1
-_LIBC = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True) if sys.platform.startswith("linux") else None
-
-_children: set = set()  # the running train / finetune processes (subprocess.Popen)
-_stopping = [False]  # set by a signal handler: a plain flag (an Event's lock could deadlock there)
-
-
-class SweepStopped(RuntimeError):
-    """The sweep was asked to stop (SIGTERM, SIGINT); its children saved their checkpoints."""
-
-
-def stop_children(signum=None, frame=None) -> None:
-    """Start nothing more and send SIGTERM to every running child (train saves its checkpoint).
-    A signal handler: no locks (the main thread may be inside _subprocess)."""
-    _stopping[0] = True
-    for proc in list(_children):
-        _terminate(proc)
-
-
-def stopping() -> bool:
-    return _stopping[0]
-
-
-def _terminate(proc) -> None:
-    try:
-        os.kill(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        pass
-
-
-def _die_with_parent(parent: int):
-    """preexec_fn of a child: SIGTERM when the sweep dies (however: kill -9 too), and an exit at
-    once if it died between fork and here."""
-
-    def setup():
-        if _LIBC is not None:
-            _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-        if os.getppid() != parent:
-            os._exit(1)
-
-    return setup
-
-
-def _python() -> str:
-    return sys.executable
-
 
 # ---------------------------------------------------------------- one run
 
@@ -125,7 +73,7 @@ def _link_or_copy(src, dst):
 def finish(workdir: str, run: dict, sweep: dict, wall_s: float) -> dict:
     """After training: the fine-tuning suite (if any), then DIR/runs/ID/done.json."""
     rdir = run_dir(workdir, run["id"])
-    final = _final_metrics(rdir)
+    final = final_metrics(rdir)
     if final.get("step") != run["steps"]:
         raise RuntimeError(f"run {run['id']}: training has not reached step {run['steps']} "
                            f"(last evaluation at step {final.get('step')}); rerun it to resume")
@@ -133,7 +81,7 @@ def finish(workdir: str, run: dict, sweep: dict, wall_s: float) -> dict:
         args = ["mlm_vs_clm.finetune", f"--config={sweep['finetune']['config']}", f"--config.checkpoint={rdir}",
                 f"--workdir={os.path.join(rdir, 'finetune')}", "--config.progress=False"]
         args += [f"--config.{k}={v}" for k, v in sweep_plan.parse_overrides(sweep["finetune"]["overrides"])]
-        _subprocess(args, os.path.join(rdir, "finetune.log"))
+        run_child(args, os.path.join(rdir, "finetune.log"))
     record = {"wall_s": wall_total(rdir) + wall_s, **final, "args_hash": run.get("args_hash")}
     tmp = os.path.join(rdir, "done.json.tmp")
     with open(tmp, "w") as f:
@@ -165,7 +113,7 @@ def _add_wall(rdir: str, seconds: float) -> None:
     os.replace(tmp, path)
 
 
-def _final_metrics(rdir: str) -> dict:
+def final_metrics(rdir: str) -> dict:
     last = {}
     path = os.path.join(rdir, "metrics.jsonl")
     if not os.path.isfile(path):
@@ -176,40 +124,6 @@ def _final_metrics(rdir: str) -> dict:
             if "val_mlm_loss" in rec:
                 last = rec
     return {k: last.get(k) for k in ("step", "val_mlm_loss", "val_clm_loss", "val_mlm_accuracy", "val_clm_accuracy")}
-
-
-def _subprocess(args: list[str], log_path: str) -> None:
-    """Runs `python -m ARGS` into log_path as a child that ends with the sweep (module docstring);
-    SweepStopped when the sweep was asked to stop, whatever the child's status."""
-    if _stopping[0]:
-        raise SweepStopped(f"{args[0]} not started: the sweep is stopping")
-    with open(log_path, "a") as log:
-        log.write("$ python -m " + " ".join(shlex.quote(a) for a in args) + "\n")
-        log.flush()
-        proc = subprocess.Popen([_python(), "-m", *args], stdout=log, stderr=subprocess.STDOUT,
-                                process_group=0, preexec_fn=_die_with_parent(os.getpid()))
-        _children.add(proc)
-        try:
-            if _stopping[0]:  # the handler ran before the child was registered
-                _terminate(proc)
-            proc.wait()
-        except BaseException:
-            _terminate(proc)
-            proc.wait()
-            raise
-        finally:
-            _children.discard(proc)
-            try:  # anything the child left in its group (data loader workers) goes with it
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-    if _stopping[0]:
-        raise SweepStopped(f"{args[0]} stopped (status {proc.returncode}); rerun the sweep to resume")
-    if proc.returncode != 0:
-        with open(log_path) as f:
-            tail = [ln.strip() for ln in f.readlines() if ln.strip()][-1:]
-        raise RuntimeError(f"{args[0]} exited with status {proc.returncode}: {tail[0] if tail else ''} "
-                           f"(log {log_path})")
 
 
 def plan_run(saved: dict, workdir: str, run_id: str) -> dict:
@@ -255,7 +169,7 @@ def run_one(workdir: str, run_id: str) -> dict:
     prepare(workdir, run)
     start = time.time()
     try:
-        _subprocess(["mlm_vs_clm.train", *run["train_args"], "--config.train.progress=False"],
+        run_child(["mlm_vs_clm.train", *run["train_args"], "--config.train.progress=False"],
                     os.path.join(rdir, "train.log"))
     finally:  # every invocation counts, also one that failed or was stopped
         _add_wall(rdir, time.time() - start)
@@ -369,7 +283,7 @@ def run_local(workdir: str, runs: list[dict], parallel: int = 1) -> list[str]:
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
         while pending or running:
             for rid, r in list(pending.items()):
-                if len(running) >= max(1, parallel) or _stopping[0]:
+                if len(running) >= max(1, parallel) or children.stopping():
                     break
                 dep = r["branch_from"]
                 if dep and dep in failed:
@@ -381,7 +295,7 @@ def run_local(workdir: str, runs: list[dict], parallel: int = 1) -> list[str]:
                     running[pool.submit(run_one, workdir, rid)] = rid
                     del pending[rid]
             if not running:
-                if pending and not _stopping[0]:  # only branches of trunks neither done nor running
+                if pending and not children.stopping():  # only branches of trunks neither done nor running
                     for rid in pending:
                         failed[rid] = "its trunk did not finish"
                 break
@@ -392,7 +306,7 @@ def run_local(workdir: str, runs: list[dict], parallel: int = 1) -> list[str]:
                     rec = fut.result()
                     print(f"sweep: done  {rid}: val_mlm_loss {rec.get('val_mlm_loss')}, "
                           f"val_clm_loss {rec.get('val_clm_loss')}, {rec['wall_s']:.0f} s", flush=True)
-                except SweepStopped:
+                except children.SweepStopped:
                     print(f"sweep: stopped {rid} (its checkpoint is saved)", flush=True)
                 except Exception as e:  # noqa: BLE001 - one failed run does not stop the sweep
                     failed[rid] = str(e)
@@ -408,7 +322,7 @@ def commands(workdir: str, runs: list[dict]) -> list[tuple[int, str]]:
     for r in runs:
         if is_done(workdir, r["id"]):
             continue
-        cmd = " ".join(shlex.quote(a) for a in (_python(), "-m", "mlm_vs_clm.sweep", "run-one",
+        cmd = " ".join(shlex.quote(a) for a in (sys.executable, "-m", "mlm_vs_clm.sweep", "run-one",
                                                 f"--workdir={os.path.abspath(workdir)}", f"--run={r['id']}"))
         out.append((2 if r["branch_from"] else 1, cmd))
     return out
@@ -421,7 +335,7 @@ def print_backend(workdir: str, runs: list[dict]) -> None:
         if lines:
             print(f"# stage {stage}: {len(lines)} runs" + (" (each after its trunk in stage 1)" if stage == 2 else ""))
             print("\n".join(lines))
-    print(f"# then: {_python()} -m mlm_vs_clm.sweep analyze --workdir={os.path.abspath(workdir)}")
+    print(f"# then: {sys.executable} -m mlm_vs_clm.sweep analyze --workdir={os.path.abspath(workdir)}")
 
 
 # ---------------------------------------------------------------- collect

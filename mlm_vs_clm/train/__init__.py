@@ -240,12 +240,10 @@ def train(config, workdir: str, devices=None) -> dict:
         return _train(config, workdir, devices)
     except _StoppedBeforeFirstStep as e:
         print(f"stopped: SIGTERM during start-up ({e}), before the first step; nothing to save", flush=True)
-        lock.release(remove=bool(created))
-        runlock.remove_if_empty(created)
+        lock.undo(created)
         return {}
     except BaseException:
-        lock.release(remove=bool(created))
-        runlock.remove_if_empty(created)
+        lock.undo(created)
         raise
     finally:
         lock.release()
