@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from mlm_vs_clm.config import ConfigError, load_config
-from mlm_vs_clm.data import pipeline, prepare, prepared, sources
+from mlm_vs_clm.data import pipeline, prepare, prepared, rows, sources
 from mlm_vs_clm.data import tokenizer as tk
 from tests.helpers import run_command
 
@@ -71,7 +71,7 @@ def test_prepared_rows_equal_the_pipeline_rows(corpus, tok_dir, ref):
     tok = tk.load_tokenizer(tok_dir)
     with open(os.path.join(ref, prepare.PLAN)) as f:
         plan = json.load(f)
-    with open(os.path.join(ref, prepared.MANIFEST)) as f:
+    with open(os.path.join(ref, rows.MANIFEST)) as f:
         manifest = json.load(f)
     assert len(plan["shards"]) > 5 and manifest["train"]["rows"] > 100
     assert manifest["train"]["documents"] + manifest["validation"]["documents"] == 150 + 120 + 12 - 1
@@ -96,6 +96,37 @@ def test_prepared_rows_equal_the_pipeline_rows(corpus, tok_dir, ref):
     assert len({f[0] for f in firsts if f}) == sum(1 for f in firsts if f) > 5
 
 
+def _grain_rows(docs, seq_len):
+    import grain
+    ds = grain.MapDataset.source([{"tokens": np.asarray(d, np.int32)} for d in docs])
+    return [(r["tokens"], r["segment_ids"])
+            for r in pipeline.pack_rows(ds.to_iter_dataset(grain.ReadOptions(num_threads=0)), seq_len)]
+
+
+@pytest.mark.parametrize("case", range(40))
+def test_pack_documents_equals_the_pipelines_grain_packer(case):
+    """The numpy packer of prepare = the pipeline's grain packer, for any chunking: documents
+    longer than a row, ending on a row's end, and empty ones anywhere (including first, last,
+    right after a full row, and only empty ones)."""
+    rng = np.random.default_rng(case)
+    seq_len = int(rng.choice([4, 7, 16]))
+    fixed = {0: [[1, 2, 3, 4], [], [5]], 1: [[], [1, 2, 3, 4]], 2: [[1, 2], [], [], [3]], 3: [[]], 4: [],
+             5: [[1, 2, 3, 4, 5], [], [6]], 6: [[1, 2, 3, 4], []]}
+    if case in fixed:
+        seq_len, docs = 4, fixed[case]
+    else:
+        lengths = rng.choice([0, 1, seq_len - 1, seq_len, seq_len + 1, 3 * seq_len], size=int(rng.integers(1, 30)),
+                             p=[0.15, 0.25, 0.15, 0.15, 0.15, 0.15])
+        docs = [rng.integers(1, 1000, int(n)).astype(np.int32) for n in lengths]
+    want = _grain_rows(docs, seq_len)
+    for chunk in (1, 3, seq_len, 1 << 20):
+        got = list(prepare.pack_documents((np.asarray(d, np.int32) for d in docs), seq_len, chunk_tokens=chunk))
+        assert len(got) == len(want), (chunk, docs)
+        for (gt, gs), (wt, ws) in zip(got, want):
+            np.testing.assert_array_equal(gt, wt)
+            np.testing.assert_array_equal(gs, ws)
+
+
 def test_two_workers_and_a_rerun_give_the_same_output(corpus, tok_dir, ref, tmp_path, capsys):
     out = str(tmp_path / "w2")
     prepare.prepare(corpus, tok_dir, SEQ, out, workers=2, **SMALL)
@@ -108,7 +139,7 @@ def test_two_workers_and_a_rerun_give_the_same_output(corpus, tok_dir, ref, tmp_
 def test_resume_after_a_simulated_crash_is_identical(corpus, tok_dir, ref, tmp_path, capsys):
     out = str(tmp_path / "crash")
     prepare.prepare(corpus, tok_dir, SEQ, out, workers=1, **SMALL)
-    os.remove(os.path.join(out, prepared.MANIFEST))
+    os.remove(os.path.join(out, rows.MANIFEST))
     os.remove(os.path.join(out, "shard-00001.json"))  # killed before its json: redone
     with open(os.path.join(out, "train-00003.array_record"), "r+b") as f:
         f.truncate(10)  # a shard file not of its recorded size: redone
@@ -120,7 +151,7 @@ def test_resume_after_a_simulated_crash_is_identical(corpus, tok_dir, ref, tmp_p
     # Killed after copying the tokenizer, before writing the plan.
     early = tmp_path / "early"
     early.mkdir()
-    tk.load_tokenizer(tok_dir).save(str(early / prepared.TOKENIZER_DIR))
+    tk.load_tokenizer(tok_dir).save(str(early / rows.TOKENIZER_DIR))
     prepare.prepare(corpus, tok_dir, SEQ, str(early), workers=1, **SMALL)
     _same_output(ref, str(early))
 
@@ -138,7 +169,7 @@ def test_kill9_mid_prepare_then_rerun_is_identical(corpus, tok_dir, ref, tmp_pat
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert os.path.exists(os.path.join(out, "shard-00002.json"))
-    killed_early = not os.path.exists(os.path.join(out, prepared.MANIFEST))
+    killed_early = not os.path.exists(os.path.join(out, rows.MANIFEST))
     prepare.prepare(corpus, tok_dir, SEQ, out, workers=1, **SMALL)
     _same_output(ref, out)
     if not killed_early:
@@ -235,15 +266,15 @@ def test_errors_are_one_line_naming_the_file(ref, tok_dir, corpus, tmp_path, cap
     with pytest.raises(prepared.PreparedError) as e:
         prepared.Corpus(bad)
     assert "train-00002.array_record" in _one_line(e) and "corrupt" in str(e.value)
-    with open(os.path.join(bad, prepared.MANIFEST), "w") as f:
+    with open(os.path.join(bad, rows.MANIFEST), "w") as f:
         f.write("{not json")
     with pytest.raises(prepared.PreparedError) as e:
         prepared.Corpus(bad)
-    assert prepared.MANIFEST in _one_line(e)
-    os.remove(os.path.join(bad, prepared.MANIFEST))
+    assert rows.MANIFEST in _one_line(e)
+    os.remove(os.path.join(bad, rows.MANIFEST))
     with pytest.raises(prepared.PreparedError) as e:
         prepared.Corpus(bad)
-    assert prepared.MANIFEST in _one_line(e)
+    assert rows.MANIFEST in _one_line(e)
 
     # A run whose tokenizer differs from the manifest's names both.
     other = str(tmp_path / "othertok")

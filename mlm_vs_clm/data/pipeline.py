@@ -26,7 +26,6 @@ import time
 
 import grain
 import jax
-import numpy as np
 from absl import flags, logging
 
 from mlm_vs_clm import cache
@@ -68,17 +67,13 @@ def documents(config, split: str):
 
 
 class _Tokenize(grain.transforms.Map):
-    """text -> {'tokens': int32 [n + 2]} ([bos] + ids + [eos]); '' -> an empty array."""
+    """text -> {'tokens': int32 [n + 2]} ([bos] + ids + [eos]; `Tokenizer.encode_document`)."""
 
     def __init__(self, tokenizer: Tokenizer):
         self._tokenizer = tokenizer
-        self._bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
-        self._eos = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
 
     def map(self, text: str):
-        if not text:
-            return {"tokens": np.zeros((0,), np.int32)}
-        return {"tokens": np.asarray(self._bos + self._tokenizer.encode(text) + self._eos, np.int32)}
+        return {"tokens": self._tokenizer.encode_document(text)}
 
 
 class _OneReaderState(grain.IterDataset):

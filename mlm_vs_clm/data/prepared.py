@@ -4,9 +4,8 @@ A prepared corpus (written by `python -m mlm_vs_clm.data.prepare`) is a folder h
 `manifest.json`, ArrayRecord shards of packed rows (`train-NNNNN.array_record`, held-out
 `validation-NNNNN.array_record`) and `tokenizer/`, a copy of its tokenizer.
 
-A row record is the row's `seq_len` tokens (`manifest["token_dtype"]`, uint16 when the
-vocabulary fits) followed by the lengths of its segments (int32): segment ids and positions
-are rebuilt from them exactly as the pipeline packed them (`encode_row` / `decode_row`).
+A row record holds the row's tokens and its segments' lengths (`rows.py`); segment ids and
+positions are rebuilt from them exactly as the pipeline packed them.
 
 Global row j of step s is `row(s * batch_size + j)`: for one corpus, `perm_e(g mod n)` with
 e = g // n the epoch and perm_e grain's seeded index shuffle (`MapDataset.shuffle`, seed
@@ -21,10 +20,8 @@ per corpus; a corpus's k-th slot overall reads its own k-th permuted row.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import tempfile
 
 import grain
 import numpy as np
@@ -33,12 +30,16 @@ from grain._src.python.experimental.index_shuffle.python import (
 )
 
 from mlm_vs_clm.config import ConfigError
+from mlm_vs_clm.data.rows import (
+    FORMAT_VERSION,
+    MANIFEST,
+    TOKENIZER_DIR,
+    decode_rows,
+    tokenizer_fingerprint,
+)
 from mlm_vs_clm.data.sources import SourceError
 from mlm_vs_clm.data.tokenizer import load_tokenizer
 
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-TOKENIZER_DIR = "tokenizer"
 PREFIX = "prepared:"
 MIXTURE_BLOCK = 1000
 
@@ -49,48 +50,6 @@ class PreparedError(SourceError):
 
 def is_prepared(spec: str) -> bool:
     return (spec or "").strip().startswith(PREFIX)
-
-
-# -- rows ---------------------------------------------------------------------------------------
-
-def token_dtype(vocab_size: int) -> str:
-    return "uint16" if vocab_size <= 65536 else "int32"
-
-
-def encode_row(tokens: np.ndarray, segment_ids: np.ndarray, dtype: str) -> bytes:
-    """A packed row -> its record: tokens, then the length of each segment (ids 1, 2, ...)."""
-    lengths = np.bincount(segment_ids[segment_ids > 0])[1:].astype(np.int32)
-    return np.asarray(tokens).astype(dtype).tobytes() + lengths.tobytes()
-
-
-def decode_rows(records: list[bytes], seq_len: int, dtype: str) -> dict:
-    """Records -> {tokens, segment_ids, positions}: int32 [n, seq_len], as the pipeline packs them."""
-    n, nbytes = len(records), seq_len * np.dtype(dtype).itemsize
-    tokens = np.empty((n, seq_len), np.int32)
-    ids, lens = [], []  # per row: segments 1..k, then the padding (id 0, maybe of length 0)
-    for i, record in enumerate(records):
-        if len(record) < nbytes or (len(record) - nbytes) % 4:
-            raise ValueError(f"a record of {len(record)} bytes is not a row of {seq_len} {dtype} tokens")
-        tokens[i] = np.frombuffer(record, dtype, seq_len)
-        lengths = np.frombuffer(record, np.int32, offset=nbytes).tolist()
-        used = sum(lengths)
-        if used > seq_len or min(lengths, default=1) <= 0:
-            raise ValueError(f"segment lengths {lengths} do not fit a row of {seq_len}")
-        ids.extend(range(1, len(lengths) + 1))
-        ids.append(0)
-        lens.extend(lengths)
-        lens.append(seq_len - used)
-    ids, lens = np.array(ids, np.int32), np.array(lens, np.int64)
-    segment_ids = np.repeat(ids, lens).reshape(n, seq_len)
-    starts = np.cumsum(lens) - lens
-    positions = (np.arange(n * seq_len, dtype=np.int64) - np.repeat(starts, lens)).astype(np.int32).reshape(n, seq_len)
-    positions[segment_ids == 0] = 0
-    return {"tokens": tokens, "segment_ids": segment_ids, "positions": positions}
-
-
-def decode_row(record: bytes, seq_len: int, dtype: str) -> dict:
-    """One record -> {tokens, segment_ids, positions}: int32 [seq_len]."""
-    return {k: v[0] for k, v in decode_rows([record], seq_len, dtype).items()}
 
 
 def local_batch_size(config, process_count: int) -> int:
@@ -115,20 +74,6 @@ def permuted_row(g: int, n: int, seed: int) -> int:
     seed + epoch), computed here without the dataset's per-element overhead."""
     epoch, k = divmod(int(g), n)
     return _index_shuffle.index_shuffle(k, max_index=n - 1, seed=(int(seed) + epoch) % 2**32, rounds=4)
-
-
-# -- tokenizer fingerprint ----------------------------------------------------------------------
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """sha256 (16 hex digits) of the files `tokenizer.save` writes: its model and special ids."""
-    with tempfile.TemporaryDirectory() as d:
-        tokenizer.save(d)
-        h = hashlib.sha256()
-        for name in sorted(os.listdir(d)):
-            h.update(name.encode() + b"\0")
-            with open(os.path.join(d, name), "rb") as f:
-                h.update(f.read())
-    return h.hexdigest()[:16]
 
 
 # -- a prepared corpus --------------------------------------------------------------------------

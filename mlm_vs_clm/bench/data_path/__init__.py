@@ -24,7 +24,7 @@ import time
 import numpy as np
 
 from mlm_vs_clm.config import load_config
-from mlm_vs_clm.data import prepare, prepared, stream
+from mlm_vs_clm.data import prepare, prepared, rows, stream
 from mlm_vs_clm.data.tokenizer import load_tokenizer, train_tokenizer
 
 
@@ -45,10 +45,10 @@ def write_synthetic_corpus(out: str, rows: int, seq_len: int, shards: int = 8, v
                 yield rng.integers(5, vocab, seq_len).astype(np.int32), seg
 
         infos.append(prepare._write(os.path.join(out, f"train-{s:05d}.array_record"), gen(), "uint16"))
-    manifest = {"format_version": prepared.FORMAT_VERSION, "seq_len": seq_len, "token_dtype": "uint16",
+    manifest = {"format_version": rows.FORMAT_VERSION, "seq_len": seq_len, "token_dtype": "uint16",
                 "tokenizer": {"fingerprint": "synthetic"},
                 "train": {"rows": rows, "shards": infos}, "validation": {"rows": 0, "shards": []}}
-    with open(os.path.join(out, prepared.MANIFEST), "w") as f:
+    with open(os.path.join(out, rows.MANIFEST), "w") as f:
         json.dump(manifest, f)
     return out
 
@@ -104,7 +104,7 @@ def _prepare_subprocess(source: str, tok: str, out: str, workers: int, shard_mb:
     if not line:
         raise RuntimeError(res.stderr[-2000:])
     seconds, rss_kb = float(line[0].split()[1]), int(line[0].split()[2])
-    with open(os.path.join(out, prepared.MANIFEST)) as f:
+    with open(os.path.join(out, rows.MANIFEST)) as f:
         m = json.load(f)
     tokens = m["train"]["tokens"] + m["validation"]["tokens"]
     # Steady state, without process start-up: tokens of the shards finished after the first
@@ -137,7 +137,7 @@ def prepare_rates(work: str, text_mb: list[float], vocab: int, seq_len: int, sha
             bare = max(bare, sum(len(tok.encode(x)) + 2 for x in texts) / (time.perf_counter() - t))
             shutil.rmtree(shard_out, ignore_errors=True)
             os.makedirs(shard_out)
-            tok.save(os.path.join(shard_out, prepared.TOKENIZER_DIR))
+            tok.save(os.path.join(shard_out, rows.TOKENIZER_DIR))
             t = time.perf_counter()
             info = prepare.prepare_shard(0, [piece], settings)
             tokens = info["train"]["tokens"] + info["validation"]["tokens"]

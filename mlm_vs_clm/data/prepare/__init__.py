@@ -4,7 +4,7 @@
         [--workers=N] [--seed=0] [--text_field=text] [--text_mode=file|blocks] [--shard_mb=128] \
         [--heldout_every=64] [--heldout_docs=32]
 
-Then train with `--config.data.source=prepared:DIR` (`prepared.py`).
+Then train with `--config.data.source=prepared:DIR` (`rows.py`).
 
 How (see docs/data.md):
 1. The source is listed in pieces (`stream.py`: a Parquet row group, a 32 MB byte range of
@@ -16,8 +16,8 @@ How (see docs/data.md):
    Training then reads the rows in a seeded permutation of all rows, new each epoch.
 3. Every shard is one task of a pure function, `prepare_shard(index, pieces, settings)`:
    it reads its pieces (memory: one shard of text), holds out documents 0, E, 2E, ... of
-   its shuffled order (at most `--heldout_docs`), tokenizes and packs the rest with the
-   training pipeline's own `packed_batches` (bos + ids + eos, same segments and positions),
+   its shuffled order (at most `--heldout_docs`), tokenizes and packs the rest exactly as the
+   training pipeline packs (bos + ids + eos, same segments and positions: `pack_documents`),
    and writes `train-NNNNN.array_record`, `validation-NNNNN.array_record` and, last,
    `shard-NNNNN.json` (its counts), each to a temporary name renamed when complete.
    A shard is done when its json names files of the recorded sizes.
@@ -37,12 +37,11 @@ import shutil
 import sys
 import time
 
-import grain
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 from tqdm import tqdm
 
-from mlm_vs_clm.data import pipeline, prepared, sources, stream
+from mlm_vs_clm.data import rows, sources, stream
 from mlm_vs_clm.data.sources import SourceError, SourceStats
 from mlm_vs_clm.data.tokenizer import load_tokenizer
 
@@ -99,20 +98,70 @@ def shard_texts(index: int, pieces: list[dict], settings: dict):
     return [t for j, t in enumerate(texts) if j not in held], [texts[j] for j in sorted(held)], stats
 
 
+def pack_documents(docs, seq_len: int, chunk_tokens: int = 1 << 20):
+    """Token arrays of documents, in order -> rows (tokens, segment_ids) of `seq_len`, equal to
+    what the training pipeline's grain packer (`pipeline.pack_rows`, ConcatThenSplit) makes of
+    the same documents, computed with numpy on chunks of about `chunk_tokens` tokens (tests
+    check the equality, chunk boundaries and empty documents included).
+
+    The packer's rules: the documents are concatenated and cut into rows; a row's segment ids
+    count its documents from 1 (the part of a document that continues from the row before is
+    1), padding (the last row's end) is 0. An empty document takes an id in the row the packer
+    is filling: the row of the token before it, where a full row stays current until the next
+    token, or row 0 at the start; a stream of only empty documents gives one all-padding row.
+    """
+    buf, size, placed = [], 0, False
+    for doc in docs:
+        if not len(doc) and not buf and placed:
+            continue  # an empty document right after a full row: an id of that (written) row
+        buf.append(doc)
+        size += len(doc)
+        placed = placed or bool(len(doc))
+        if size >= chunk_tokens + seq_len:
+            full, buf = _pack_chunk(buf, seq_len, final=False)
+            size = sum(len(d) for d in buf)
+            yield from full
+    if buf:
+        yield from _pack_chunk(buf, seq_len, final=True)[0]
+
+
+def _pack_chunk(buf: list, seq_len: int, final: bool):
+    """(rows, the documents left for the next chunk): the full rows of `buf` (and, if `final`,
+    the last, padded row); buf[0] is the first element of its first row."""
+    lengths = np.fromiter((len(d) for d in buf), np.int64, len(buf))
+    total = int(lengths.sum())
+    n_rows = -(-total // seq_len) if final else total // seq_len
+    if final and total == 0:
+        n_rows = 1
+    used = min(total, n_rows * seq_len)
+    flat = np.concatenate([np.asarray(d, np.int32) for d in buf]) if total else np.zeros((0,), np.int32)
+    ordinal = np.full(n_rows * seq_len, -1, np.int64)
+    ordinal[:used] = np.repeat(np.arange(len(buf)), lengths)[:used]
+    tokens = np.zeros(n_rows * seq_len, np.int32)
+    tokens[:used] = flat[:used]
+    first = ordinal[::seq_len].copy()
+    first[0] = 0
+    segments = np.where(ordinal >= 0, ordinal - np.repeat(first, seq_len) + 1, 0).astype(np.int32)
+    packed = list(zip(tokens.reshape(n_rows, seq_len), segments.reshape(n_rows, seq_len)))
+    rest = []
+    if used < total:  # the document at the cut continues the next row, then the ones after it
+        d = int(np.searchsorted(np.cumsum(lengths), used, side="right"))
+        rest = [flat[used:int(lengths[:d + 1].sum())]] + buf[d + 1:]
+    return packed, rest
+
+
 def packed_rows(texts: list[str], tokenizer, seq_len: int):
-    """Rows (tokens, segment_ids) of `texts` in order: tokenized and packed by the training
-    pipeline's own transforms (`_Tokenize`, `pack_rows`), in this thread."""
-    docs = grain.MapDataset.source(texts).map(pipeline._Tokenize(tokenizer))
-    for row in pipeline.pack_rows(docs.to_iter_dataset(grain.ReadOptions(num_threads=0)), seq_len):
-        yield row["tokens"], row["segment_ids"]
+    """Rows (tokens, segment_ids) of `texts` in order: [bos] + ids + [eos] per document
+    (`Tokenizer.encode_document`, as in the pipeline), packed as the pipeline packs them."""
+    yield from pack_documents((tokenizer.encode_document(t) for t in texts), seq_len)
 
 
-def _write(path: str, rows, dtype: str) -> dict:
+def _write(path: str, packed, dtype: str) -> dict:
     tmp = os.path.join(os.path.dirname(path), f"{TMP}{os.path.basename(path)}.{os.getpid()}")
     writer = ArrayRecordWriter(tmp, "group_size:1,uncompressed")
     n = tokens = 0
-    for row_tokens, segment_ids in rows:
-        writer.write(prepared.encode_row(row_tokens, segment_ids, dtype))
+    for row_tokens, segment_ids in packed:
+        writer.write(rows.encode_row(row_tokens, segment_ids, dtype))
         n, tokens = n + 1, tokens + int((segment_ids > 0).sum())
     writer.close()
     os.replace(tmp, path)
@@ -126,7 +175,7 @@ def shard_names(index: int) -> tuple[str, str, str]:
 def prepare_shard(index: int, pieces: list[dict], settings: dict) -> dict:
     """Writes shard `index` into settings['out'] and returns its counts (also in shard-NNNNN.json)."""
     out, seq_len, dtype = settings["out"], settings["seq_len"], settings["token_dtype"]
-    tokenizer = _tokenizer(os.path.join(out, prepared.TOKENIZER_DIR))
+    tokenizer = _tokenizer(os.path.join(out, rows.TOKENIZER_DIR))
     train, held, stats = shard_texts(index, pieces, settings)
     train_name, val_name, json_name = shard_names(index)
     info = {"index": index, "source_bytes": sum(p["bytes"] for p in pieces), "documents": len(train),
@@ -178,11 +227,11 @@ def prepare(source: str, tokenizer: str, seq_len: int, out: str, workers: int = 
     os.makedirs(out, exist_ok=True)
     settings = {"out": out, "seq_len": int(seq_len), "seed": int(seed), "text_field": text_field,
                 "text_mode": text_mode, "heldout_every": int(heldout_every), "heldout_docs": int(heldout_docs),
-                "token_dtype": prepared.token_dtype(tok.vocab_size)}
+                "token_dtype": rows.token_dtype(tok.vocab_size)}
     jsonl_piece_bytes = min(int(jsonl_piece_bytes), int(shard_mb * 2**20))  # a piece fits in a shard
-    key = {"format_version": prepared.FORMAT_VERSION, "source": source,
+    key = {"format_version": rows.FORMAT_VERSION, "source": source,
            "source_fingerprint": source_fingerprint(source),
-           "tokenizer_fingerprint": prepared.tokenizer_fingerprint(tok),
+           "tokenizer_fingerprint": rows.tokenizer_fingerprint(tok),
            "shard_bytes": int(shard_mb * 2**20), "jsonl_piece_bytes": int(jsonl_piece_bytes),
            **{k: v for k, v in settings.items() if k != "out"}}
     plan_path = os.path.join(out, PLAN)
@@ -199,15 +248,15 @@ def prepare(source: str, tokenizer: str, seq_len: int, out: str, workers: int = 
                                "use a new --out or delete it")
         shards = old["shards"]
     else:
-        if [f for f in os.listdir(out) if f != prepared.TOKENIZER_DIR and not f.startswith(TMP)]:
+        if [f for f in os.listdir(out) if f != rows.TOKENIZER_DIR and not f.startswith(TMP)]:
             raise PrepareError(f"--out {out!r} is not empty and holds no {PLAN}; use a new --out")
         pieces = stream.list_pieces(source, text_field, jsonl_piece_bytes)
         shards = plan_shards(pieces, seed, key["shard_bytes"])
-        tmp_tok = os.path.join(out, f"{TMP}{prepared.TOKENIZER_DIR}")
+        tmp_tok = os.path.join(out, f"{TMP}{rows.TOKENIZER_DIR}")
         shutil.rmtree(tmp_tok, ignore_errors=True)
         tok.save(tmp_tok)
-        shutil.rmtree(os.path.join(out, prepared.TOKENIZER_DIR), ignore_errors=True)  # a crash before the plan
-        os.replace(tmp_tok, os.path.join(out, prepared.TOKENIZER_DIR))
+        shutil.rmtree(os.path.join(out, rows.TOKENIZER_DIR), ignore_errors=True)  # a crash before the plan
+        os.replace(tmp_tok, os.path.join(out, rows.TOKENIZER_DIR))
         _atomic_write(plan_path, json.dumps({"key": key, "shards": shards}, sort_keys=True))
     for leftover in glob.glob(os.path.join(out, f"{TMP}*")):  # a crashed run's half-written files
         shutil.rmtree(leftover) if os.path.isdir(leftover) else os.remove(leftover)
@@ -240,11 +289,11 @@ def prepare(source: str, tokenizer: str, seq_len: int, out: str, workers: int = 
     if missing:
         raise PrepareError(f"prepare {out!r}: shards {', '.join(missing[:5])} did not complete; run it again")
     manifest = {
-        "format_version": prepared.FORMAT_VERSION, "seq_len": int(seq_len), "token_dtype": settings["token_dtype"],
+        "format_version": rows.FORMAT_VERSION, "seq_len": int(seq_len), "token_dtype": settings["token_dtype"],
         "seed": int(seed), "settings": key,
         "source": {"spec": source, "fingerprint": key["source_fingerprint"], "text_field": text_field,
                    "text_mode": text_mode, "pieces": sum(len(s) for s in shards)},
-        "tokenizer": {"fingerprint": key["tokenizer_fingerprint"], "dir": prepared.TOKENIZER_DIR,
+        "tokenizer": {"fingerprint": key["tokenizer_fingerprint"], "dir": rows.TOKENIZER_DIR,
                       "kind": tok.kind, "vocab_size": int(tok.vocab_size)},
         "skipped_empty": sum(i["skipped_empty"] for i in infos),
         "repaired_utf8": sum(i["repaired_utf8"] for i in infos),
@@ -252,7 +301,7 @@ def prepare(source: str, tokenizer: str, seq_len: int, out: str, workers: int = 
     for part, docs in (("train", "documents"), ("validation", "heldout_documents")):
         manifest[part] = {"rows": sum(i[part]["rows"] for i in infos), "tokens": sum(i[part]["tokens"] for i in infos),
                           "documents": sum(i[docs] for i in infos), "shards": [i[part] for i in infos]}
-    _atomic_write(os.path.join(out, prepared.MANIFEST), json.dumps(manifest, indent=1, sort_keys=True))
+    _atomic_write(os.path.join(out, rows.MANIFEST), json.dumps(manifest, indent=1, sort_keys=True))
     t, v = manifest["train"], manifest["validation"]
     print(f"prepared {out}: {t['rows']:,} rows of {seq_len} ({t['tokens']:,} tokens, {t['documents']:,} documents) "
           f"in {len(shards)} shards, {v['rows']:,} held-out rows; {len(pending)} shards written now "

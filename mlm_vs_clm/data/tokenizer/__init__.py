@@ -68,6 +68,15 @@ class Tokenizer(abc.ABC):
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [self.encode(t) for t in texts]
 
+    def encode_document(self, text: str) -> np.ndarray:
+        """A pretraining document: int32 [bos] + ids + [eos] (each where the tokenizer has it);
+        '' -> an empty array. The training pipeline and `data.prepare` both tokenize with this."""
+        if not text:
+            return np.zeros((0,), np.int32)
+        bos = [] if self.bos_id is None else [self.bos_id]
+        eos = [] if self.eos_id is None else [self.eos_id]
+        return np.asarray(bos + self.encode(text) + eos, np.int32)
+
     @abc.abstractmethod
     def decode(self, ids) -> str:
         """Implemented by each tokenizer kind."""
