@@ -1,11 +1,13 @@
-"""The study's grid (PAPER.md), for a cluster: `python -m mlm_vs_clm.sweep
---config=configs/sweeps/paper.py --workdir=DIR --backend=slurm --sbatch_args='--nodes=24 ...'`
-(or `--backend=print` for another scheduler).
+"""The full cross of the study's axes (not the study's grid, which is `paper.py`):
+`python -m mlm_vs_clm.sweep --config=configs/sweeps/paper_cross.py --workdir=DIR --backend=slurm
+--sbatch_args='--nodes=24 ...'` (or `--backend=print` for another scheduler).
 
 210m / 610m / 1b x 12k / 22k / 42k steps x {100 % MLM, 75/25, 50/50, 25/75 CLM/MLM, 100 % CLM}
 x masking 20 / 30 / 40 / 50 %: 9 budgets x 17 schedules = 153 runs, of which 108 biphasic runs
-branch from the pure CLM run of their budget. Each final checkpoint is fine-tuned on the
-paper suite (configs/finetune.py:paper: 6 learning rates x 5 seeds per task).
+branch from the pure CLM run of their budget. The splits are fractions of the budget
+(`clm25_mlm40` switches at 10,500 steps of 42k), where `paper.py` uses the study's round
+numbers (`clm10k_mlm40`). Each final checkpoint is fine-tuned on the paper suite
+(configs/finetune.py:paper: 6 learning rates x 5 seeds per task).
 """
 
 import ml_collections
