@@ -2,8 +2,9 @@
 
 SIZE is one of `tiny` (tests, seconds), `small` (benchmarks, minutes on a CPU), `210m`,
 `610m`, `1b` (PAPER.md dimensions). OBJECTIVE is an objective schedule: `clm`, `mlm20`,
-`mlm30`, `mlm40` (default), `mlm50`, or `clmXX_mlmYY` (CLM for the first XX % of the steps,
-then MLM with YY % masking; a plain `mlm` takes its ratio from `mlm.mask_ratio`). Validation
+`mlm30`, `mlm40` (default), `mlm50`, `clmXX_mlmYY` (CLM for the first XX % of the steps,
+then MLM with YY % masking) or `clmNk_mlmYY` (CLM for the first N thousand steps, as in the
+study's `610m-clm-10k-mlm40-42k`); a plain `mlm` takes its ratio from `mlm.mask_ratio`. Validation
 masks are fixed for every run (40 %, mask-token replacement: mlm_vs_clm/step.py), whatever its
 mlm.mask_ratio and mlm.replacement. Any key can be overridden: `--config.train.steps=100`.
 """

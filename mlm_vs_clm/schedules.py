@@ -3,6 +3,8 @@
 Objective schedule strings:
   `clm`, `mlm` (ratio from `mlm.mask_ratio`), `mlm40` (40 % masking), ...
   `clm50_mlm40`           CLM for the first 50 % of the steps, then MLM-40 %.
+  `clm10k_mlm40`          CLM for the first 10,000 steps (N k = N thousand steps, whatever
+                          the budget), then MLM-40 %: the study's names (`clm-10k-mlm40-42k`).
   `clm+mlm30@1000+mlm40@75%`  the general piecewise form: phases joined by `+`, each but the
                           first starting at an absolute step or a percentage of the steps.
 """
@@ -75,22 +77,34 @@ def parse_objective(spec: str) -> list[Phase]:
             phases.append(Phase(name, start))
         return phases
     parts = spec.split("_")
-    phases, start_pct = [], 0
+    phases, start, unit = [], 0, ""  # unit: '%' (clmXX) or 'k' (clmNk) once a CLM phase set it
     for i, part in enumerate(parts):
-        m = re.fullmatch(r"(clm|mlm)(\d{1,3})?", part)
-        if not m:
-            raise ValueError(f"objective: unknown objective preset {spec!r}")
-        if m.group(1) == "clm" and i < len(parts) - 1:
-            if not m.group(2):
-                raise ValueError(f"objective: {spec!r}: a CLM phase before another needs a percentage (clmXX)")
-            phases.append(Phase("clm", f"{start_pct}%"))
-            start_pct += int(m.group(2))
-            if start_pct >= 100:
+        if part.startswith("clm") and i < len(parts) - 1:
+            m = re.fullmatch(r"clm(?:(\d{1,3})|(\d{1,4})k)", part)
+            if not m:
+                raise ValueError(f"objective: {spec!r}: a CLM phase before another needs its length: clmXX "
+                                 f"(XX % of the steps) or clmNk (N thousand steps), got {part!r}")
+            this = "%" if m.group(1) else "k"
+            if unit and this != unit:
+                raise ValueError(f"objective: {spec!r} mixes percentages (clmXX) and step counts (clmNk)")
+            unit, length = this, int(m.group(1) or m.group(2))
+            if length == 0:
+                raise ValueError(f"objective: {spec!r}: the CLM phase {part!r} is empty")
+            phases.append(Phase("clm", _start(start, unit)))
+            start += length if unit == "%" else 1000 * length
+            if unit == "%" and start >= 100:
                 raise ValueError(f"objective: {spec!r}: the CLM phase must be shorter than 100 %")
-        else:
+        elif re.fullmatch(r"(clm|mlm)(\d{1,3})?", part):
             _objective(part, 0.4)
-            phases.append(Phase(part, f"{start_pct}%"))
+            phases.append(Phase(part, _start(start, unit or "%")))
+        else:
+            raise ValueError(f"objective: unknown objective preset {spec!r}")
     return phases
+
+
+def _start(value: int, unit: str) -> int | str:
+    """A preset phase's start: a percentage ('NN%') or an absolute step."""
+    return f"{value}%" if unit == "%" else value
 
 
 @dataclasses.dataclass(frozen=True)

@@ -56,20 +56,6 @@ def _rows(path):
 # ------------------------------------------------------------------ planning
 
 
-def test_paper_grid_plan():
-    runs = sweep_plan.plan(load_config("configs/sweeps/paper.py"))
-    assert len(runs) == 3 * 3 * 17
-    branches = [r for r in runs if r.branch_from]
-    assert len(branches) == 3 * 3 * 12
-    by_id = {r.id: r for r in runs}
-    r = by_id["610m_42000_clm25_mlm30_s0"]
-    assert (r.branch_from, r.branch_step, r.mask_ratio, r.clm_fraction) == ("610m_42000_clm_s0", 10500, 0.3, 0.25)
-    trunk = by_id["610m_42000_clm_s0"]
-    assert trunk.keep_steps == (10500, 21000, 31500)
-    assert runs.index(trunk) < runs.index(r)  # trunks come first
-    assert by_id["1b_12000_mlm50_s0"].branch_from == ""
-
-
 def test_trunk_is_added_when_the_grid_lacks_pure_clm():
     c = _sweep_config(schedules=("mlm40", "clm50_mlm40", "clm75_mlm40"))
     runs = sweep_plan.plan(c)

@@ -1,8 +1,9 @@
 """Scaling sweeps: `python -m mlm_vs_clm.sweep --config=configs/sweeps/NAME.py --workdir=DIR --backend=...`
 
-Runs a grid of pretraining runs (sizes x step budgets x objective schedules x seeds, see
-sweep_plan.py), optionally fine-tunes every final checkpoint, collects DIR/results.csv (and
-DIR/finetune.csv) and fits and plots the results (sweep_analysis.py). Backends:
+Runs a grid of pretraining runs (sizes x step budgets x objective schedules x seeds, or a union
+of such blocks: sweep/plan.py), optionally fine-tunes every final checkpoint, collects
+DIR/results.csv (and DIR/finetune.csv) and fits and plots the results (sweep/analysis.py).
+Backends:
   local  runs everything here, `--parallel=N` runs at a time (branches wait for their trunk)
   slurm  writes DIR/slurm/stage{1,2}.sbatch (arrays over launch/slurm.sbatch) and submits them,
          each branch run after its own trunk's stage-1 task (`--dependency=afterok:JOB_TASK`)

@@ -5,8 +5,13 @@ A sweep config (configs/sweeps/*.py) declares:
   sizes      ("tiny", "tiny-d128=tiny:model.hidden_size=128,model.ffn_size=384", ...):
              a preset name, or LABEL=PRESET:KEY=VALUE,... (a dimension scaling of a preset)
   steps      step budgets, (100, 300)
-  schedules  objective schedules, ("mlm40", "clm", "clm25_mlm40", ...) (schedules.py syntax)
+  schedules  objective schedules, ("mlm40", "clm", "clm25_mlm40", "clm10k_mlm40", ...)
+             (schedules.py syntax)
   seeds      (0,)
+  blocks     optional: the grid as a union of such crosses, (dict(sizes=..., steps=...,
+             schedules=...), ...); a key a block leaves out takes the top-level value (e.g.
+             seeds). A run is (size label, steps, schedule name, seed): one in several blocks is
+             planned once. Without blocks, the top-level keys are the only block.
   overrides  ("train.eval_batches=2", ...) applied to every run
   keep_fractions  (0.25, 0.5) keeps every run's checkpoints at these fractions of its steps
              (intermediate checkpoints, e.g. for data-efficiency curves); () = none
@@ -156,46 +161,91 @@ def run_id(size: str, steps: int, schedule: str, seed: int) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "-", f"{size}_{steps}_{schedule}_s{seed}")
 
 
-def plan(sweep) -> list[Run]:
-    """Every run of the grid (trunks first), validated; raises ConfigError with one line."""
-    if sweep.branch not in BRANCH_MODES:
-        raise ConfigError(f"branch: {sweep.branch!r} is not one of {', '.join(BRANCH_MODES)}")
-    for key in ("sizes", "steps", "schedules", "seeds"):
-        if not tuple(sweep[key]):
-            raise ConfigError(f"{key}: the grid needs at least one value")
-    if any(not 0 < float(f) < 1 for f in sweep.get("keep_fractions", ())):
-        raise ConfigError(f"keep_fractions: {tuple(sweep.keep_fractions)} must lie strictly between 0 and 1")
+GRID_KEYS = ("sizes", "steps", "schedules", "seeds")
+
+
+def grid_blocks(sweep) -> list[tuple[str, dict]]:
+    """(where, {sizes, steps, schedules, seeds}) per block of the grid: `sweep.blocks`, each
+    block's missing keys taken from the top level, or the top-level keys as the only block.
+    `where` prefixes error messages ('' or 'blocks[1]: ')."""
+    blocks = tuple(sweep.get("blocks", ()) or ())
+    if not blocks:
+        return [("", {k: sweep.get(k, ()) for k in GRID_KEYS})]
+    out = []
+    for i, block in enumerate(blocks):
+        where = f"blocks[{i}]: "
+        if not hasattr(block, "keys"):
+            raise ConfigError(f"{where}expected dict({'=..., '.join(GRID_KEYS)}=...), got {block!r}")
+        unknown = sorted(set(block.keys()) - set(GRID_KEYS))
+        if unknown:
+            raise ConfigError(f"{where}unknown key {unknown[0]!r} (a block has {', '.join(GRID_KEYS)})")
+        out.append((where, {k: block[k] if k in block else sweep.get(k, ()) for k in GRID_KEYS}))
+    return out
+
+
+def _check_block(where: str, block: dict) -> list[Size]:
+    """Validates one block's values (one-line ConfigErrors prefixed by `where`); its sizes."""
+    for key in GRID_KEYS:
+        if isinstance(block[key], str):
+            raise ConfigError(f"{where}{key}: {block[key]!r} is a string, not a tuple (write ({block[key]!r},))")
+        if not tuple(block[key]):
+            raise ConfigError(f"{where}{key}: the grid needs at least one value")
     for key in ("steps", "seeds"):
-        values = tuple(sweep[key])
+        values = tuple(block[key])
         bad = [v for v in values if isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v]
         if bad:
-            raise ConfigError(f"{key}: {bad[0]!r} is not an integer")
+            raise ConfigError(f"{where}{key}: {bad[0]!r} is not an integer")
         if len(set(values)) != len(values):
-            raise ConfigError(f"{key}: {values} repeats a value (run ids would collide)")
-    sizes = [parse_size(s) for s in sweep.sizes]
+            raise ConfigError(f"{where}{key}: {values} repeats a value (run ids would collide)")
+    for steps in block["steps"]:
+        if int(steps) <= 0:
+            raise ConfigError(f"{where}steps: {steps} is not a positive step count")
+    sizes = [parse_size(s) for s in block["sizes"]]
     if len({s.label for s in sizes}) != len(sizes):
-        raise ConfigError("sizes: two sizes share a label")
+        raise ConfigError(f"{where}sizes: two sizes share a label")
+    return sizes
+
+
+def plan(sweep) -> list[Run]:
+    """Every run of the grid (trunks first), validated; raises ConfigError with one line. The
+    runs of a (size, budget, seed) come together, in the order the blocks first name them."""
+    if sweep.branch not in BRANCH_MODES:
+        raise ConfigError(f"branch: {sweep.branch!r} is not one of {', '.join(BRANCH_MODES)}")
+    if any(not 0 < float(f) < 1 for f in sweep.get("keep_fractions", ())):
+        raise ConfigError(f"keep_fractions: {tuple(sweep.keep_fractions)} must lie strictly between 0 and 1")
+    sizes: dict[str, Size] = {}  # label -> size, over every block
+    budgets: dict[tuple[str, int, int], list[str]] = {}  # (size label, steps, seed) -> schedule names
+    steps_seen: dict[int, None] = {}
+    seeds_seen: dict[int, None] = {}
+    for where, block in grid_blocks(sweep):
+        for size in _check_block(where, block):
+            if sizes.setdefault(size.label, size) != size:
+                raise ConfigError(f"{where}sizes: {size.label!r} names another size in an earlier block")
+            for steps in block["steps"]:
+                steps_seen.setdefault(int(steps))
+                for seed in block["seeds"]:
+                    seeds_seen.setdefault(int(seed))
+                    names = budgets.setdefault((size.label, int(steps), int(seed)), [])
+                    names += [s for s in dict.fromkeys(block["schedules"]) if s not in names]
     common = parse_overrides(sweep.overrides)
-    runs: list[Run] = []
-    for size in sizes:
-        for steps in sweep.steps:
-            if int(steps) <= 0:
-                raise ConfigError(f"steps: {steps} is not a positive step count")
+    mask_ratios = {}
+    for size in sizes.values():
         overrides = {k: parse_value(v) for k, v in list(common) + list(size.overrides)}
         try:  # unknown presets and keys fail here, once per size
-            mask_ratio = float(load_config(f"{sweep.base}:{size.preset}", overrides).mlm.mask_ratio)
+            mask_ratios[size.label] = float(load_config(f"{sweep.base}:{size.preset}", overrides).mlm.mask_ratio)
         except (ValueError, KeyError) as e:
             raise ConfigError(f"sizes: {size.label}: {e}") from e
-        for steps in sweep.steps:
-            for seed in sweep.seeds:
-                runs += _budget_runs(sweep, size, int(steps), int(seed), mask_ratio)
+    order = [list(sizes), list(steps_seen), list(seeds_seen)]
+    runs: list[Run] = []
+    for label, steps, seed in sorted(budgets, key=lambda k: tuple(o.index(x) for o, x in zip(order, k))):
+        runs += _budget_runs(sweep, sizes[label], steps, seed, mask_ratios[label], budgets[label, steps, seed])
     return runs
 
 
-def _budget_runs(sweep, size: Size, steps: int, seed: int, mask_ratio: float) -> list[Run]:
+def _budget_runs(sweep, size: Size, steps: int, seed: int, mask_ratio: float, schedules: list[str]) -> list[Run]:
     runs = []
     keep = tuple(sorted({int(round(f * steps)) for f in sweep.get("keep_fractions", ())} - {0, steps}))
-    for schedule in dict.fromkeys(sweep.schedules):
+    for schedule in schedules:
         clm_steps, ratio = _clm_prefix(schedule, steps, mask_ratio)
         runs.append(Run(run_id(size.label, steps, schedule, seed), size, steps, schedule, seed, clm_steps, ratio,
                         keep_steps=keep))
