@@ -8,7 +8,10 @@
   global batch `--batch` rows, and the bytes it reads per step;
 - prepare: tokens/s of the bare tokenizer (`encode`, one core) on synthetic text, of
   `prepare_shard` on one shard of it in this process (one worker's rate), and of the whole
-  command with 1 and 2 workers, with the peak RSS of its largest process, per corpus size.
+  command with 1 and 2 workers, with the peak RSS of its largest process, per corpus size;
+- launch (`--launch=1,2,4`): `launch/local.sh P` trains `tiny` MLM-40 for 20 steps on one
+  prepared corpus with P processes over the same 8 virtual CPU devices (8 / P each), and
+  compares every step's loss with the one-process run's.
 """
 
 from __future__ import annotations
@@ -149,3 +152,47 @@ def prepare_rates(work: str, text_mb: list[float], vocab: int, seq_len: int, sha
         out.append(row)
         print(json.dumps(row), flush=True)
     return out
+
+
+def launch_equality(work: str, counts: list[int], steps: int = 20, seq_len: int = 64) -> list[dict]:
+    """Losses of `launch/local.sh P` for each P in `counts` on one prepared corpus, against the first P's."""
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    src = synthetic_text(os.path.join(work, "launch.jsonl"), 1.0, seed=1)
+    tok_dir, corpus = os.path.join(work, "launch_tok"), os.path.join(work, "launch_prepared")
+    shutil.rmtree(tok_dir, ignore_errors=True)
+    shutil.rmtree(corpus, ignore_errors=True)
+    train_tokenizer(list(stream.read_piece({"kind": "jsonl", "path": src, "start": 0, "end": 1 << 20})), 512, tok_dir)
+    prepare.prepare(src, tok_dir, seq_len, corpus, workers=1, shard_mb=0.25, progress=False)
+    results, reference = [], None
+    for procs in counts:
+        if 8 % procs:
+            raise ValueError(f"--launch: {procs} processes do not divide the 8 devices")
+        workdir = os.path.join(work, f"launch_{procs}")
+        shutil.rmtree(workdir, ignore_errors=True)
+        env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS" and not k.startswith("MLM_VS_CLM_")}
+        env.update(PYTHON=sys.executable, MLM_VS_CLM_CPU_DEVICES=str(8 // procs))
+        flags = ["--config=configs/pretrain.py:tiny,mlm40", f"--workdir={workdir}",
+                 f"--config.data.source=prepared:{corpus}", "--config.model.vocab_size=512",
+                 "--config.train.batch_size=16", f"--config.train.seq_len={seq_len}", f"--config.train.steps={steps}",
+                 "--config.train.log_every=1", "--config.train.eval_every=10", "--config.train.eval_batches=2",
+                 "--config.train.checkpoint_every=10", "--config.train.progress=False",
+                 "--config.mesh.data=2", "--config.mesh.fsdp=4"]
+        start = time.perf_counter()
+        res = subprocess.run(["bash", os.path.join(repo, "launch", "local.sh"), str(procs), *flags], cwd=repo,
+                             env=env, capture_output=True, text=True, check=False)
+        if res.returncode:
+            raise RuntimeError(f"launch/local.sh {procs} failed: {res.stderr[-2000:]}")
+        with open(os.path.join(workdir, "metrics.jsonl")) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+        losses = {r["step"]: r["loss"] for r in records if "loss" in r}
+        evals = {r["step"]: r["val_mlm_loss"] for r in records if "val_mlm_loss" in r}
+        row = {"processes": procs, "steps": len(losses), "seconds": time.perf_counter() - start,
+               "final_loss": losses.get(steps), "val_mlm_loss": evals}
+        if reference is None:
+            reference = (losses, evals)
+        else:
+            row["losses_identical"] = losses == reference[0] and evals == reference[1]
+            row["max_abs_loss_diff"] = max(abs(losses[s] - reference[0].get(s, float("nan"))) for s in losses)
+        results.append(row)
+        print(json.dumps({"launch": row}), flush=True)
+    return results

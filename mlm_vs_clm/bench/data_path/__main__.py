@@ -9,7 +9,12 @@ import sys
 
 from absl import app, flags
 
-from mlm_vs_clm.bench.data_path import loader_rows_per_second, prepare_rates, write_synthetic_corpus
+from mlm_vs_clm.bench.data_path import (
+    launch_equality,
+    loader_rows_per_second,
+    prepare_rates,
+    write_synthetic_corpus,
+)
 from mlm_vs_clm.config import flags_parser
 
 FLAGS = flags.FLAGS
@@ -22,22 +27,25 @@ flags.DEFINE_string("processes", "1,8,64", "Simulated process counts of the load
 flags.DEFINE_string("text_mb", "8,64", "Sizes of the synthetic text corpora for prepare, in MB.")
 flags.DEFINE_integer("vocab", 8000, "Pieces of the tokenizer trained for prepare.")
 flags.DEFINE_float("shard_mb", 4.0, "prepare's --shard_mb.")
-flags.DEFINE_enum("skip", "", ["", "loader", "prepare"], "Skip one of the two measurements.")
+flags.DEFINE_enum("skip", "", ["", "loader", "prepare", "both"], "Skip the loader, prepare, or both measurements.")
+flags.DEFINE_string("launch", "", "Process counts for the launch/local.sh equality run, e.g. 1,2,4 (empty: not run).")
 
 
 def main(argv) -> int:
     del argv
     f = FLAGS
     os.makedirs(f.dir, exist_ok=True)
-    if f.skip != "loader":
+    if f.skip not in ("loader", "both"):
         corpus = os.path.join(f.dir, "rows")
         shutil.rmtree(corpus, ignore_errors=True)
         write_synthetic_corpus(corpus, f.loader_rows, f.seq_len)
         for procs in [int(x) for x in f.processes.split(",")]:
             print(json.dumps({"loader": loader_rows_per_second(corpus, procs, f.batch, f.seconds, f.seq_len)}),
                   flush=True)
-    if f.skip != "prepare":
+    if f.skip not in ("prepare", "both"):
         prepare_rates(f.dir, [float(x) for x in f.text_mb.split(",")], f.vocab, f.seq_len, f.shard_mb)
+    if f.launch:
+        launch_equality(f.dir, [int(x) for x in f.launch.split(",")])
     return 0
 
 
