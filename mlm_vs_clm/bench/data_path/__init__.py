@@ -9,6 +9,10 @@
 - prepare: tokens/s of the bare tokenizer (`encode`, one core) on synthetic text, of
   `prepare_shard` on one shard of it in this process (one worker's rate), and of the whole
   command with 1 and 2 workers, with the peak RSS of its largest process, per corpus size;
+- memory (`--memory_mb=512,4096`): the demo corpus's articles repeated, each copy in a new
+  seeded order, to about that many MB of JSON lines; `prepare` with 1 and 2 workers (peak RSS
+  of its largest process, and wall time), then a loader process reading that prepared corpus
+  (peak RSS, rows/s);
 - launch (`--launch=1,2,4`): `launch/local.sh P` trains `tiny` MLM-40 for 20 steps on one
   prepared corpus with P processes over the same 8 virtual CPU devices (8 / P each), and
   compares every step's loss with the one-process run's.
@@ -92,21 +96,111 @@ def synthetic_text(path: str, mb: float, seed: int = 0) -> str:
     return path
 
 
-def _prepare_subprocess(source: str, tok: str, out: str, workers: int, shard_mb: float, seq_len: int) -> dict:
-    code = ("import resource, sys, time\nfrom mlm_vs_clm.data import prepare\nif __name__ == '__main__':\n"
-            "    t = time.perf_counter()\n"
-            f"    prepare.prepare({source!r}, {tok!r}, {seq_len}, {out!r}, workers={workers}, shard_mb={shard_mb}, "
-            "progress=False)\n"
-            "    r = resource.getrusage\n"
-            "    print('BENCH', time.perf_counter() - t, max(r(resource.RUSAGE_SELF).ru_maxrss, "
-            "r(resource.RUSAGE_CHILDREN).ru_maxrss))\n")
-    shutil.rmtree(out, ignore_errors=True)
+def _tree_rss_kb(root: int) -> tuple[int, int]:
+    """(sum, largest) of VmRSS in kB over `root` and its descendants, from /proc."""
+    parent, rss = {}, {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/status") as f:
+                fields = dict(line.split(":", 1) for line in f if ":" in line)
+        except OSError:
+            continue
+        parent[int(entry)] = int(fields.get("PPid", "0"))
+        rss[int(entry)] = int(fields.get("VmRSS", "0 kB").split()[0])
+    tree, frontier = {root}, [root]
+    while frontier:
+        kids = [p for p, pp in parent.items() if pp in frontier and p not in tree]
+        tree.update(kids)
+        frontier = kids
+    values = [rss.get(p, 0) for p in tree]
+    return sum(values), max(values, default=0)
+
+
+def run_sampled(cmd: list[str], env: dict, interval: float = 0.05) -> tuple[subprocess.CompletedProcess, float, float]:
+    """Runs `cmd`, sampling the RSS of its process tree: (result, peak total MB, peak of one process MB).
+    Sampled from outside because a child's ru_maxrss starts at its parent's RSS (Linux keeps it across exec)."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    total = single = 0
+    while proc.poll() is None:
+        t, m = _tree_rss_kb(proc.pid)
+        total, single = max(total, t), max(single, m)
+        time.sleep(interval)
+    out, err = proc.communicate()
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err), total / 1024, single / 1024
+
+
+def demo_text(path: str, mb: float, seed: int = 0) -> str:
+    """JSON lines of the demo corpus's pretraining articles, repeated (each copy in a new seeded
+    order) to about `mb` MB."""
+    from mlm_vs_clm.data import demo_corpus
+
+    lines = [json.dumps({"text": t}) + "\n" for t in demo_corpus.pretrain_texts()]
+    rng, size = np.random.default_rng(seed), 0
+    with open(path, "w") as f:
+        while size < mb * 2**20:
+            for i in rng.permutation(len(lines)):
+                f.write(lines[i])
+                size += len(lines[i])
+                if size >= mb * 2**20:
+                    break
+    return path
+
+
+def _loader_subprocess(corpus: str, batch: int, seconds: float) -> dict:
+    """Peak RSS and rows/s of a fresh process that reads `corpus` as process 0 of 1."""
+    code = ("import json, resource, time\nfrom mlm_vs_clm.config import load_config\n"
+            "from mlm_vs_clm.data import prepared\nif __name__ == '__main__':\n"
+            f"    c = load_config('configs/pretrain.py:tiny', {{'data.source': 'prepared:{corpus}', "
+            f"'train.batch_size': {batch}, 'train.seq_len': prepared.Corpus({corpus!r}).seq_len}})\n"
+            "    it = prepared.train_iterator(c, 0, 1)\n    next(it)\n    n, t = 0, time.perf_counter()\n"
+            f"    while time.perf_counter() - t < {seconds}:\n        n += next(it)['tokens'].shape[0]\n"
+            "    print('BENCH', json.dumps({'rows_per_second': n / (time.perf_counter() - t)}))\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
+    res, total, _ = run_sampled([sys.executable, "-c", code], env)
     line = [x for x in res.stdout.splitlines() if x.startswith("BENCH")]
     if not line:
         raise RuntimeError(res.stderr[-2000:])
-    seconds, rss_kb = float(line[0].split()[1]), int(line[0].split()[2])
+    return {**json.loads(line[0][len("BENCH "):]), "peak_rss_mb": total}
+
+
+def memory(work: str, sizes_mb: list[float], vocab: int, seq_len: int, shard_mb: float, batch: int,
+           seconds: float) -> list[dict]:
+    """Peak RSS of prepare (1 and 2 workers) and of a loader process, per corpus size."""
+    out = []
+    for mb in sizes_mb:
+        src = demo_text(os.path.join(work, f"demo{mb:g}.jsonl"), mb)
+        tok_dir = os.path.join(work, "demo_tok")
+        if not os.path.isdir(tok_dir):
+            texts = list(stream.read_piece({"kind": "jsonl", "path": src, "start": 0, "end": 8 << 20}))
+            train_tokenizer(texts, vocab, tok_dir)
+        row = {"text_mb": mb, "bytes": os.path.getsize(src)}
+        for workers in (1, 2):
+            row[f"prepare_workers_{workers}"] = _prepare_subprocess(
+                src, tok_dir, os.path.join(work, f"demo_out{workers}"), workers, shard_mb, seq_len)
+        row["loader"] = _loader_subprocess(os.path.join(work, "demo_out1"), batch, seconds)
+        for workers in (1, 2):
+            shutil.rmtree(os.path.join(work, f"demo_out{workers}"), ignore_errors=True)
+        os.remove(src)
+        out.append(row)
+        print(json.dumps({"memory": row}), flush=True)
+    return out
+
+
+def _prepare_subprocess(source: str, tok: str, out: str, workers: int, shard_mb: float, seq_len: int) -> dict:
+    code = ("import sys, time\nfrom mlm_vs_clm.data import prepare\nif __name__ == '__main__':\n"
+            "    t = time.perf_counter()\n"
+            f"    prepare.prepare({source!r}, {tok!r}, {seq_len}, {out!r}, workers={workers}, shard_mb={shard_mb}, "
+            "progress=False)\n"
+            "    print('BENCH', time.perf_counter() - t)\n")
+    shutil.rmtree(out, ignore_errors=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
+    res, total_mb, largest_mb = run_sampled([sys.executable, "-c", code], env)
+    line = [x for x in res.stdout.splitlines() if x.startswith("BENCH")]
+    if not line:
+        raise RuntimeError(res.stderr[-2000:])
+    seconds = float(line[0].split()[1])
     with open(os.path.join(out, rows.MANIFEST)) as f:
         m = json.load(f)
     tokens = m["train"]["tokens"] + m["validation"]["tokens"]
@@ -117,7 +211,8 @@ def _prepare_subprocess(source: str, tok: str, out: str, workers: int, shard_mb:
     steady = (sum(t for _, t in done[workers:]) / (done[-1][0] - done[workers - 1][0])
               if len(done) > workers and done[-1][0] > done[workers - 1][0] else float("nan"))
     return {"workers": workers, "seconds": seconds, "tokens": tokens, "tokens_per_second": tokens / seconds,
-            "steady_tokens_per_second": steady, "shards": len(done), "peak_rss_mb": rss_kb / 1024}
+            "steady_tokens_per_second": steady, "shards": len(done),
+            "peak_rss_mb": total_mb, "peak_rss_mb_largest_process": largest_mb}
 
 
 def prepare_rates(work: str, text_mb: list[float], vocab: int, seq_len: int, shard_mb: float) -> list[dict]:

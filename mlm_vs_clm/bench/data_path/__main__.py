@@ -12,6 +12,7 @@ from absl import app, flags
 from mlm_vs_clm.bench.data_path import (
     launch_equality,
     loader_rows_per_second,
+    memory,
     prepare_rates,
     write_synthetic_corpus,
 )
@@ -28,6 +29,8 @@ flags.DEFINE_string("text_mb", "8,64", "Sizes of the synthetic text corpora for 
 flags.DEFINE_integer("vocab", 8000, "Pieces of the tokenizer trained for prepare.")
 flags.DEFINE_float("shard_mb", 4.0, "prepare's --shard_mb.")
 flags.DEFINE_enum("skip", "", ["", "loader", "prepare", "both"], "Skip the loader, prepare, or both measurements.")
+flags.DEFINE_string("memory_mb", "", "Demo-text corpus sizes (MB) of the memory runs, e.g. 512,4096 (empty: not run).")
+flags.DEFINE_integer("memory_batch", 256, "Global batch of the memory runs' loader process.")
 flags.DEFINE_string("launch", "", "Process counts for the launch/local.sh equality run, e.g. 1,2,4 (empty: not run).")
 
 
@@ -44,6 +47,9 @@ def main(argv) -> int:
                   flush=True)
     if f.skip not in ("prepare", "both"):
         prepare_rates(f.dir, [float(x) for x in f.text_mb.split(",")], f.vocab, f.seq_len, f.shard_mb)
+    if f.memory_mb:
+        memory(f.dir, [float(x) for x in f.memory_mb.split(",")], f.vocab, f.seq_len, f.shard_mb, f.memory_batch,
+               f.seconds)
     if f.launch:
         launch_equality(f.dir, [int(x) for x in f.launch.split(",")])
     return 0
