@@ -211,6 +211,59 @@ def test_wall_s_adds_up_every_invocation(tmp_path):
     assert len(times) == 2 and wall == pytest.approx(sum(times), rel=1e-5)
 
 
+def test_slurm_wall_s_adds_up_a_preempted_and_a_requeued_invocation(tmp_path):
+    """The slurm stage script, as a SLURM array task would run it: SIGTERM to the batch script
+    (preemption: the training saves, the task is requeued), then the requeued task trains to the
+    end. Fakes: sbatch prints a job id, srun runs its command in its place, scancel signals it."""
+    d, workdir, steps = str(tmp_path), str(tmp_path / "sweep"), 400
+    rdir, _ = _sweep_child(workdir, steps)
+    bin_dir = os.path.join(d, "bin")
+    os.makedirs(bin_dir)
+    for name, text in {"sbatch": "echo 1001\n",
+                       "srun": f'while [[ "$1" == --* ]]; do shift; done\necho $$ > {d}/task.pid\nexec "$@"\n',
+                       "scancel": f'kill -"${{1#--signal=}}" "$(cat {d}/task.pid)"\n',
+                       "scontrol": f'echo "$@" >> {d}/scontrol.log\n'}.items():
+        with open(os.path.join(bin_dir, name), "w") as f:
+            f.write("#!/usr/bin/env bash\n" + text)
+        os.chmod(os.path.join(bin_dir, name), 0o755)
+    env = {**ENV, "PATH": bin_dir + os.pathsep + ENV["PATH"], "SLURM_ARRAY_TASK_ID": "0", "SLURM_JOB_ID": "1001",
+           "GPUS_PER_NODE": "1", "VENV": os.path.dirname(os.path.dirname(sys.executable))}
+    submit = subprocess.run([sys.executable, "-m", "mlm_vs_clm.sweep", *_sweep_args(workdir, steps), "--backend=slurm"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert submit.returncode == 0, submit.stderr[-3000:]
+    task = ["bash", os.path.join(workdir, "slurm", "stage1.sbatch")]
+    elapsed = []
+    start = time.time()
+    first = subprocess.Popen(task, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: _records(rdir) or first.poll() is not None, what="the first step")
+        first.send_signal(signal.SIGTERM)  # SLURM's --signal=B:TERM: the batch script only
+        out, err = first.communicate(timeout=180)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    elapsed.append(time.time() - start)
+    assert first.returncode == 0 and "preempted, requeued" in out, out[-2000:] + err[-3000:]
+    with open(os.path.join(d, "scontrol.log")) as f:
+        assert f.read().split() == ["requeue", "1001"]
+    assert not os.path.exists(os.path.join(rdir, "done.json"))
+    start = time.time()
+    second = subprocess.run(task, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    elapsed.append(time.time() - start)
+    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-3000:]
+    collect = subprocess.run([sys.executable, "-m", "mlm_vs_clm.sweep", "collect", f"--workdir={workdir}"], cwd=REPO,
+                             env=env, capture_output=True, text=True, timeout=300)
+    assert collect.returncode == 0, collect.stderr[-3000:]
+    with open(os.path.join(rdir, "wall_s.json")) as f:
+        times = json.load(f)
+    with open(os.path.join(workdir, "results.csv")) as f:
+        header, row = f.read().splitlines()[:2]
+    wall = float(row.split(",")[header.split(",").index("wall_s")])
+    assert len(times) == 2 and wall == pytest.approx(sum(times), rel=1e-5)
+    for recorded, measured in zip(times, elapsed):  # whole seconds, within the task's own time
+        assert 1 <= recorded <= measured + 1, (times, elapsed)
+
+
 # ------------------------------------------------------------------ a full disk
 
 
