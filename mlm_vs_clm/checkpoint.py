@@ -78,6 +78,7 @@ class Checkpointer:
         self.manager = self._new_manager(options)
         self._options = options
         self._in_flight = None  # the step of the save that may still be running
+        self._orphans = logs.orphaned_callbacks()  # a failed save's writes end after its error
 
     def _failed(self, step, error: Exception) -> Exception:
         """A full disk as one line (the error to raise); any other error as it is."""
@@ -106,13 +107,16 @@ class Checkpointer:
         try:
             return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
         except Exception as e:  # noqa: BLE001 - a full disk is one line, the rest as it is
+            self._orphans.settle(failed=True)
             raise self._failed(step, e) from e
 
     def wait(self):
         try:
             self.manager.wait_until_finished()
         except Exception as e:  # noqa: BLE001 - as in save()
+            self._orphans.settle(failed=True)
             raise self._failed(self._in_flight, e) from e
+        self._orphans.settle(failed=False)
 
     def close(self):
         try:
@@ -153,6 +157,7 @@ class Checkpointer:
                 if not bool(jax.jit(_all_finite)(state.params)):
                     raise CheckpointError("non-finite parameters")
             except Exception as e:  # noqa: BLE001 - the state does not restore: not usable
+                self._orphans.settle(failed=True)
                 self._move_aside(step, e)
                 continue
             if wants_data and other:
@@ -166,6 +171,7 @@ class Checkpointer:
                         with open(os.path.join(data_dir, other[0])) as f:
                             data_iter.set_state(json.load(f))
                 except Exception as e:  # noqa: BLE001 - a data pipeline changed since the save
+                    self._orphans.settle(failed=True)
                     reason = str(e).splitlines()[0][:200] if str(e) else ""
                     raise CheckpointError(
                         f"checkpoint {step} in {self.directory}: the data iterator's saved state does not fit this "

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
+import threading
 
 import jax
 
@@ -29,6 +31,58 @@ def quiet_library_noise() -> None:
     logger = logging.getLogger("absl")
     if not any(isinstance(f, _DropNoise) for f in logger.filters):
         logger.addFilter(_DropNoise())
+
+
+# tensorstore hands each write it finishes to the asyncio loop that awaits it, from its own
+# threads (`loop.call_soon_threadsafe`), and passes any error there to sys.unraisablehook (a bare
+# traceback on stderr). When a checkpoint save or restore fails, orbax's coroutine ends at the
+# first error and closes its loop while the other writes are still running; as each of them ends,
+# that call raises "RuntimeError: Event loop is closed". Those are orphans of the failed operation,
+# whose own error is reported; any other unraisable error is printed as usual.
+class OrphanedCallbacks:
+    """A sys.unraisablehook that holds closed-loop callback errors until the checkpoint operation
+    in flight settles: dropped if it failed (and from then on), printed if it succeeded."""
+
+    def __init__(self, previous):
+        self.previous = previous
+        self._lock = threading.Lock()
+        self._held = []
+        self._failed = False
+
+    def __call__(self, unraisable):
+        if not _closed_loop_callback(unraisable):
+            self.previous(unraisable)
+            return
+        with self._lock:
+            if not self._failed:
+                self._held.append(unraisable)
+
+    def settle(self, failed: bool) -> None:
+        with self._lock:
+            held, self._held = self._held, []
+            self._failed = self._failed or failed
+        if not failed:
+            for unraisable in held:  # no failed operation explains them
+                self.previous(unraisable)
+
+
+_ASYNCIO_LOOP = os.path.join("asyncio", "base_events.py")
+
+
+def _closed_loop_callback(unraisable) -> bool:
+    """asyncio's loop.call_soon_threadsafe refusing a callback (called from outside Python)."""
+    e, tb = unraisable.exc_value, unraisable.exc_traceback
+    if unraisable.object is not None or type(e) is not RuntimeError or str(e) != "Event loop is closed" or tb is None:
+        return False
+    code = tb.tb_frame.f_code  # the outermost frame: the caller is not Python code
+    return code.co_name == "call_soon_threadsafe" and code.co_filename.endswith(_ASYNCIO_LOOP)
+
+
+def orphaned_callbacks() -> OrphanedCallbacks:
+    """The installed OrphanedCallbacks hook (installed over the current hook if it is not)."""
+    if not isinstance(sys.unraisablehook, OrphanedCallbacks):
+        sys.unraisablehook = OrphanedCallbacks(sys.unraisablehook)
+    return sys.unraisablehook
 
 
 class MetricsWriter:

@@ -11,7 +11,9 @@ Backends:
 Rerunning skips finished runs (DIR/runs/ID/done.json) and resumes unfinished ones.
 
 Other verbs: `sweep analyze --workdir=DIR` (collect + fit + plots + summary.md);
-`sweep run-one --workdir=DIR --run=ID` (what each backend runs for one run).
+`sweep run-one --workdir=DIR --run=ID` (what each backend runs for one run); the slurm stage
+scripts' steps `sweep prepare`, `sweep add-wall --wall_s=S` (after each invocation of training)
+and `sweep finish`, each with `--workdir=DIR --run=ID`.
 
 `run`, `analyze` and `collect` hold DIR/.lock (one sweep per folder: a second one stops with a
 line naming the holder); each run's own folder is held by its train and finetune processes.
@@ -32,8 +34,10 @@ from ml_collections import config_flags
 from mlm_vs_clm import runlock
 from mlm_vs_clm.config import ConfigError, flags_parser
 from mlm_vs_clm.sweep.children import SweepStopped, stop_children, stopping
+from mlm_vs_clm.sweep.plan import run_dir
 from mlm_vs_clm.sweep.runner import (
     PLAN_FILE,
+    add_wall,
     analyze,
     branch_saving,
     collect,
@@ -52,15 +56,17 @@ config_flags.DEFINE_config_file("config", None, "Sweep config, e.g. configs/swee
 flags.DEFINE_string("workdir", None, "Sweep directory: runs/, results.csv, plots, summary.md.")
 flags.DEFINE_enum("backend", "local", ["local", "slurm", "print"], "Where the runs run.")
 flags.DEFINE_integer("parallel", 1, "local backend: runs at a time.")
-flags.DEFINE_string("run", None, "run-one: the run id.")
-flags.DEFINE_float("wall_s", 0.0, "finish: seconds the training took (the slurm stage scripts pass it).")
+flags.DEFINE_string("run", None, "run-one, prepare, add-wall, finish: the run id.")
+flags.DEFINE_float("wall_s", 0.0, "add-wall: seconds one invocation of training took (the slurm stage scripts "
+                   "pass it after each); finish: seconds of training not recorded yet, added to them.")
 flags.DEFINE_string("sbatch_args", "", "slurm backend: extra sbatch options, e.g. '--nodes=2 --time=24:00:00'.")
 
 
 def main(argv) -> int:
     verb = argv[1] if len(argv) > 1 else "run"
-    if verb not in ("run", "analyze", "run-one", "collect", "prepare", "finish"):
-        print(f"sweep: unknown verb {verb!r} (run, analyze, collect, run-one, prepare, finish)", file=sys.stderr)
+    if verb not in ("run", "analyze", "run-one", "collect", "prepare", "add-wall", "finish"):
+        print(f"sweep: unknown verb {verb!r} (run, analyze, collect, run-one, prepare, add-wall, finish)",
+              file=sys.stderr)
         return 2
     if not FLAGS.workdir:
         print("sweep: --workdir is required", file=sys.stderr)
@@ -99,7 +105,7 @@ def _verb(verb: str, workdir: str) -> int:
         if verb == "collect":
             print(f"sweep: wrote {collect(workdir)}")
             return 0
-        if verb in ("run-one", "prepare", "finish"):
+        if verb in ("run-one", "prepare", "add-wall", "finish"):
             if not FLAGS.run:
                 raise ConfigError(f"{verb}: --run=ID is required")
             if verb == "run-one":
@@ -113,6 +119,8 @@ def _verb(verb: str, workdir: str) -> int:
                 run = plan_run(saved, workdir, FLAGS.run)
                 if verb == "prepare":
                     prepare(workdir, run)
+                elif verb == "add-wall":
+                    add_wall(run_dir(workdir, run["id"]), FLAGS.wall_s)
                 else:
                     finish(workdir, run, saved["sweep"], FLAGS.wall_s)
             return 0

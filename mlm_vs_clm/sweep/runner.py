@@ -1,8 +1,8 @@
 """The sweep's machinery (no flags: importable from other tools): the plan on disk, one run
 (prepare a branch, train, fine-tune, record), the local and print backends, and collection.
 The command line is sweep/__main__.py; the grid is plan.py; the child processes, children.py.
-Each invocation of a run adds its training time
-to DIR/runs/ID/wall_s.json, whose sum is the run's `wall_s`.
+Each invocation of a run adds its training time to DIR/runs/ID/wall_s.json (`add_wall`: run_one
+here, `sweep add-wall` in the slurm stage scripts), whose sum is the run's `wall_s`.
 """
 
 from __future__ import annotations
@@ -99,8 +99,9 @@ def wall_total(rdir: str) -> float:
         return 0.0
 
 
-def _add_wall(rdir: str, seconds: float) -> None:
+def add_wall(rdir: str, seconds: float) -> None:
     """Appends one invocation's training time to DIR/runs/ID/wall_s.json (atomically)."""
+    os.makedirs(rdir, exist_ok=True)  # gone if its train failed at start-up (an empty folder it made)
     path = os.path.join(rdir, WALL_FILE)
     try:
         with open(path) as f:
@@ -172,7 +173,7 @@ def run_one(workdir: str, run_id: str) -> dict:
         run_child(["mlm_vs_clm.train", *run["train_args"], "--config.train.progress=False"],
                     os.path.join(rdir, "train.log"))
     finally:  # every invocation counts, also one that failed or was stopped
-        _add_wall(rdir, time.time() - start)
+        add_wall(rdir, time.time() - start)
     return finish(workdir, run, saved["sweep"], 0.0)
 
 

@@ -5,10 +5,11 @@ the branch runs, submitted once per trunk with `--array=<its branches>` and
 `--dependency=afterok:<stage 1>_<the trunk's task>`, so a failed trunk holds back only its own
 branches (they stay pending with DependencyNeverSatisfied; `scancel` them and resubmit). Each array task looks up
 its run id, copies its branch checkpoint (`sweep prepare`), trains through
-launch/slurm.sbatch (multi-node start-up, SIGTERM -> checkpoint -> requeue), then fine-tunes
-and records the run (`sweep finish`). A finished run's task exits at once, so resubmitting
-the sweep (or a requeued task) only does what is left. Resources: `--sbatch_args`, e.g.
-`--nodes=4 --gpus-per-node=8 --time=48:00:00 --partition=...`.
+launch/slurm.sbatch (multi-node start-up, SIGTERM -> checkpoint -> requeue), records the
+invocation's training time whatever its end (`sweep add-wall`: a requeued task's invocations add
+up, as run_one's do), then fine-tunes and records the run (`sweep finish`). A finished run's
+task exits at once, so resubmitting the sweep (or a requeued task) only does what is left.
+Resources: `--sbatch_args`, e.g. `--nodes=4 --gpus-per-node=8 --time=48:00:00 --partition=...`.
 """
 
 from __future__ import annotations
@@ -46,9 +47,14 @@ bash {repo}/launch/slurm.sbatch "${{train_args[@]}}" &
 child=$!
 status=0
 wait "$child" || status=$?
-if [[ $stop -eq 1 ]]; then wait "$child" || status=$?; echo "$run: preempted, requeued"; exit 0; fi
+preempted=$stop  # a SIGTERM during the training (one after it lets the task finish)
+if [[ $preempted -eq 1 ]]; then wait "$child" || status=$?; fi
+# Every invocation's training time counts (preempted and failed ones too): wall_s is their sum.
+"$py" -m mlm_vs_clm.sweep add-wall --workdir={workdir} --run="$run" --wall_s=$(( $(date +%s) - start )) \
+  || echo "$run: this invocation's training time was not recorded" >&2
+if [[ $preempted -eq 1 ]]; then echo "$run: preempted, requeued"; exit 0; fi
 if [[ $status -ne 0 ]]; then echo "$run: training failed with status $status" >&2; exit "$status"; fi
-"$py" -m mlm_vs_clm.sweep finish --workdir={workdir} --run="$run" --wall_s=$(( $(date +%s) - start ))
+"$py" -m mlm_vs_clm.sweep finish --workdir={workdir} --run="$run"
 """
 
 
