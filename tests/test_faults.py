@@ -447,3 +447,23 @@ def test_finetune_results_json_with_the_wrong_shape(finished_run, tmp_path):
     assert proc.returncode == 2, proc.stderr[-3000:]
     line = _one_line(proc.stderr)
     assert line.startswith(f"finetune: results: {tmp_path / 'results.json'} is not a results file"), line
+
+
+def test_sweep_add_wall_that_cannot_write_is_one_line(tmp_path):
+    """The slurm stage script's `sweep add-wall` on a run folder it cannot write: one line, exit 1."""
+    from tests.helpers import run_command
+
+    workdir = str(tmp_path / "sweep")
+    planned = run_command("sweep", ["--config=configs/sweeps/micro.py", f"--workdir={workdir}", "--backend=print"])
+    assert planned.returncode == 0, planned.stderr[-2000:]
+    with open(os.path.join(workdir, "plan.json")) as f:
+        run_id = json.load(f)["runs"][0]["id"]
+    runs = os.path.join(workdir, "runs")
+    os.makedirs(runs, exist_ok=True)
+    shutil.rmtree(os.path.join(runs, run_id), ignore_errors=True)
+    with open(os.path.join(runs, run_id), "w") as f:  # a file where the run's folder should be
+        f.write("not a folder")
+    res = run_command("sweep", ["add-wall", f"--workdir={workdir}", f"--run={run_id}", "--wall_s=3"])
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 1 and len(lines) == 1 and lines[0].startswith("sweep: add-wall: "), res.stderr
+    assert run_id in lines[0] and "Traceback" not in res.stderr

@@ -130,6 +130,9 @@ def _verb(verb: str, workdir: str) -> int:
     except (ConfigError, RuntimeError, ValueError) as e:
         print(f"sweep: {e}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1
+    except OSError as e:  # a full disk or an unwritable workdir while recording a run
+        print(f"sweep: {verb}: {e.strerror or e} ({e.filename or workdir})", file=sys.stderr)
+        return 1
     n_branch = sum(bool(r["branch_from"]) for r in runs)
     saved, total = branch_saving(runs)
     print(f"sweep: {len(runs)} runs ({n_branch} branch from a CLM trunk, saving {saved:.3g} of {total:.3g} "
