@@ -91,6 +91,7 @@ class MemoryReport:
     estimate_bytes: float | None = None
     layer_flops: float | None = None  # per device and micro-batch, one layer (forward + backward)
     layer_bytes: float | None = None
+    max_rows_per_device: int | None = None  # `largest_micro_batch`, when searched
 
     @property
     def total_bytes(self) -> int:
@@ -235,3 +236,45 @@ def roofline(config, objective, devices) -> tuple[float, float, float, float, fl
     (f1, b1), (f2, b2) = costs
     f, b = accum * (f1 + (layers - 1) * (f2 - f1)), accum * (b1 + (layers - 1) * (b2 - b1))
     return max(f / chip[2], b / chip[3]), f, b, f2 - f1, b2 - b1
+
+
+def largest_micro_batch(config, objective_name: str, devices, memory_gib: float, max_compiles: int = 6):
+    """The largest micro-batch (rows per device in one forward and backward pass, gradient
+    accumulation off) whose step fits in `memory_gib` per device, for one objective, found by
+    compiling: at the config's rows r0 and at 2 r0, a line through the two totals (temporaries
+    grow linearly with the rows) predicts the largest r, then r and r + 1 are compiled and the
+    search steps by one until a fitting r sits next to a failing r + 1, or the compiles run out.
+    Returns (largest fitting rows or None, {rows: MemoryReport} of every compile)."""
+    dp = sharding.data_parallel_size(sharding.make_mesh(config.mesh, devices))
+    accum = int(config.train.get("grad_accum_steps", 1))
+    reports: dict[int, MemoryReport] = {}
+
+    def at(rows: int) -> MemoryReport:
+        if rows not in reports:
+            c = config.copy_and_resolve_references()
+            c.train.grad_accum_steps, c.train.batch_size = 1, rows * dp
+            (reports[rows],) = check(c, objective_name, devices)
+        return reports[rows]
+
+    def fits(rows: int) -> bool:
+        return at(rows).fits(memory_gib)
+
+    r0 = max(1, int(config.train.batch_size) // (dp * accum))
+    a, b = at(r0), at(2 * r0)
+    slope = (b.total_bytes - a.total_bytes) / r0
+    if slope <= 0:
+        raise RuntimeError(f"aot: the step's memory did not grow from {r0} to {2 * r0} rows per device")
+    guess = max(1, r0 + int((memory_gib * GIB - a.total_bytes) // slope))
+    while len(reports) < max_compiles:
+        if not fits(guess):
+            guess -= 1
+            if guess < 1:
+                return None, reports
+        elif guess + 1 in reports and not fits(guess + 1):
+            return guess, reports
+        elif guess + 1 in reports:
+            guess += 1
+        else:
+            at(guess + 1)
+    known = [r for r in reports if fits(r) and r + 1 in reports and not fits(r + 1)]
+    return (max(known) if known else None), reports

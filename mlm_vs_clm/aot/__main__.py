@@ -13,7 +13,17 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from mlm_vs_clm import sharding
-from mlm_vs_clm.aot import CHIPS, GIB, LIBTPU_MISSING, check, objectives_of, parse_mesh, roofline, tpu_devices
+from mlm_vs_clm.aot import (
+    CHIPS,
+    GIB,
+    LIBTPU_MISSING,
+    check,
+    largest_micro_batch,
+    objectives_of,
+    parse_mesh,
+    roofline,
+    tpu_devices,
+)
 from mlm_vs_clm.config import flags_parser
 
 
@@ -36,6 +46,8 @@ def _define_flags():
     flags.DEFINE_integer("num_slices", 1, "With --topology: that many slices joined over DCN (multislice).")
     flags.DEFINE_bool("roofline", False, "Also estimate the step time from XLA's cost model (two more compiles, "
                       "of 1 and 2 unrolled layers, per objective; TPU chips of aot.CHIPS).")
+    flags.DEFINE_bool("max_rows", False, "Also search the largest micro-batch (rows per device, no gradient "
+                      "accumulation) that fits the chip's memory: 4-6 more compiles per objective.")
     flags.mark_flags_as_required(["config"])
     return flags.FLAGS
 
@@ -129,6 +141,18 @@ def main(argv):
             fits &= ok
             verdict = "fits" if ok else "DOES NOT FIT"
             print(f"{r.objective}: {r.total_bytes / GIB:.2f} GiB of {memory_gib:.4g} GiB per device: {verdict}")
+    if f.max_rows and memory_gib:
+        for r in reports:
+            try:
+                best, tried = largest_micro_batch(config, r.objective, devices, memory_gib)
+            except (RuntimeError, ValueError) as e:
+                print(str(e).splitlines()[0], file=sys.stderr)
+                raise SystemExit(2) from None
+            shown = ", ".join(f"{rows}: {t.total_bytes / GIB:.3f}" for rows, t in sorted(tried.items()))
+            r.max_rows_per_device = best
+            print(f"{r.objective}: largest micro-batch that fits: "
+                  + (f"{best} rows per device" if best else "not found in the compiles allowed")
+                  + f" (compiled rows: GiB per device {shown}; no gradient accumulation)")
     if f.json:
         with open(f.json, "w") as out:
             rows = [dict(dataclasses.asdict(r), total_bytes=r.total_bytes) for r in reports]
