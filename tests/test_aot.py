@@ -158,6 +158,21 @@ def test_tiny_compiles_for_a_tpu_topology_and_is_refused_when_it_does_not_fit(tm
     assert row["model_flops"] > 0
 
 
+@pytest.mark.skipif(not _libtpu_available(), reason="libtpu is not installed (pip install -e '.[tpu]', or set "
+                    "MLM_VS_CLM_LIBTPU_DIR to a folder holding it)")
+def test_a_program_the_tpu_compiler_refuses_is_a_verdict_not_a_traceback():
+    """4,096 rows of 128 per v5e chip need more HBM than the chip has: XLA's TPU compiler stops
+    with RESOURCE_EXHAUSTED; the command reports it as not fitting, in lines, and exits 1."""
+    cmd = [sys.executable, "-m", "mlm_vs_clm.aot", "--config=configs/pretrain.py:tiny", "--config.train.seq_len=128",
+           "--platform=tpu", "--topology=v5e:2x2", "--mesh=1x4x1", "--objective=clm",
+           "--config.train.batch_size=16384"]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=_tpu_env(), capture_output=True, text=True, check=False, timeout=600)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "refused by the compiler: Ran out of memory on HBM" in proc.stdout
+    assert "clm: DOES NOT FIT: the compiler refused it" in proc.stdout
+    assert proc.stderr.strip().splitlines()[-1].startswith("aot: tiny does not fit in 14.9 GiB per TPU v5 lite device")
+
+
 @pytest.mark.skipif(_libtpu_available(), reason="libtpu is installed: the missing-libtpu message cannot show")
 def test_tpu_topology_without_libtpu_says_how_to_install_it():
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}

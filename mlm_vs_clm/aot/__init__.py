@@ -92,18 +92,24 @@ class MemoryReport:
     layer_flops: float | None = None  # per device and micro-batch, one layer (forward + backward)
     layer_bytes: float | None = None
     max_rows_per_device: int | None = None  # `largest_micro_batch`, when searched
+    refused: str = ""  # the compiler's own out-of-memory message, when it refused the program
 
     @property
     def total_bytes(self) -> int:
         return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes + self.code_bytes
 
     def fits(self, device_memory_gib: float) -> bool:
-        return self.total_bytes <= device_memory_gib * GIB
+        return not self.refused and self.total_bytes <= device_memory_gib * GIB
 
     def line(self) -> str:
         def g(b):
             return f"{b / GIB:8.2f}"
 
+        if self.refused:
+            mesh = "x".join(map(str, self.mesh))
+            return (f"{self.objective:6s} mesh={mesh:9s} rows/device={self.rows_per_device:<4d} "
+                    f"seq={self.seq_len:<5d} refused by the compiler: {self.refused}  "
+                    f"[{self.compile_seconds:.1f} s]")
         return (
             f"{self.objective:6s} mesh={'x'.join(map(str, self.mesh)):9s} rows/device={self.rows_per_device:<4d} "
             f"seq={self.seq_len:<5d} GiB/device: args {g(self.argument_bytes)} out {g(self.output_bytes)} "
@@ -171,7 +177,17 @@ def _check(config, objective_name, devices) -> list[MemoryReport]:
     reports = []
     for objective in objectives_of(config, objective_name):
         start = time.perf_counter()
-        compiled = step.compiled_train_step(setup, objective).lower(setup.abstract_state, abstract_batch).compile()
+        try:
+            compiled = step.compiled_train_step(setup, objective).lower(setup.abstract_state, abstract_batch).compile()
+        except jax.errors.JaxRuntimeError as e:  # the TPU compiler checks HBM itself, and stops
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            reports.append(MemoryReport(
+                objective=objective.name, mesh=tuple(mesh_shape), rows_per_device=batch // dp, seq_len=seq_len,
+                argument_bytes=0, output_bytes=0, alias_bytes=0, temp_bytes=0, code_bytes=0,
+                compile_seconds=time.perf_counter() - start, model_flops=model_flops(config, objective),
+                refused=str(e).splitlines()[0].split("RESOURCE_EXHAUSTED: ", 1)[-1]))
+            continue
         seconds = time.perf_counter() - start
         stats = compiled.memory_analysis()
         if stats is None:
@@ -259,12 +275,21 @@ def largest_micro_batch(config, objective_name: str, devices, memory_gib: float,
     def fits(rows: int) -> bool:
         return at(rows).fits(memory_gib)
 
-    r0 = max(1, int(config.train.batch_size) // (dp * accum))
-    a, b = at(r0), at(2 * r0)
-    slope = (b.total_bytes - a.total_bytes) / r0
+    lo = max(1, int(config.train.batch_size) // (dp * accum))
+    while at(lo).refused and lo > 1:  # the line needs two programs the compiler accepts
+        lo //= 2
+    if at(lo).refused:
+        return None, reports
+    hi = 2 * lo
+    if at(hi).refused:
+        if lo == 1:
+            return (1 if fits(1) else None), reports
+        lo, hi = lo // 2, lo
+    a, b = at(lo), at(hi)
+    slope = (b.total_bytes - a.total_bytes) / max(b.rows_per_device - a.rows_per_device, 1)
     if slope <= 0:
-        raise RuntimeError(f"aot: the step's memory did not grow from {r0} to {2 * r0} rows per device")
-    guess = max(1, r0 + int((memory_gib * GIB - a.total_bytes) // slope))
+        raise RuntimeError(f"aot: the step's memory did not grow from {lo} to {hi} rows per device")
+    guess = max(1, a.rows_per_device + int((memory_gib * GIB - a.total_bytes) // slope))
     while len(reports) < max_compiles:
         if not fits(guess):
             guess -= 1

@@ -139,6 +139,9 @@ def main(argv):
         for r in reports:
             ok = r.fits(memory_gib)
             fits &= ok
+            if r.refused:
+                print(f"{r.objective}: DOES NOT FIT: the compiler refused it ({r.refused})")
+                continue
             verdict = "fits" if ok else "DOES NOT FIT"
             print(f"{r.objective}: {r.total_bytes / GIB:.2f} GiB of {memory_gib:.4g} GiB per device: {verdict}")
     if f.max_rows and memory_gib:
