@@ -235,6 +235,19 @@ def test_analyze_fits_a_schedule_with_enough_points_and_uses_loss_without_finetu
     assert rows and all(" [" in ln for ln in rows) and any("**extrapolated**" in ln for ln in rows)
 
 
+def test_analyze_with_fixed_E_and_a_forced_loss(tmp_path):
+    """`sweep analyze --fixed_E=E --loss=val_mlm_loss` (analysis.main): the fit with E fixed beside the free one."""
+    _write_sweep(str(tmp_path), with_ft=False, seeds=(0,), failed=False, sizes={"s": 2e6, "m": 8e6, "l": 3e7},
+                 steps_tokens={100: 1e6, 300: 3e6, 900: 9e6})
+    out = sweep_analysis.main(str(tmp_path), "val_mlm_loss", TRUE["E"])
+    fits = out["fits"]
+    assert fits["clm"]["loss"] == "val_mlm_loss"  # forced, not the CLM run's own loss
+    fixed = fits["mlm40"]["fixed_E_fit"]
+    assert fixed["fixed_E"] and fixed["E"] == pytest.approx(TRUE["E"]) and fixed["dof"] == 5
+    assert fixed["alpha"] == pytest.approx(TRUE["alpha"], abs=0.01)
+    assert "(E fixed)" in (tmp_path / "summary.md").read_text()
+
+
 @pytest.mark.parametrize("edit,message", [
     (lambda text: text.replace("tokens,", "tokenz,", 1), "results.csv: missing column 'tokens'"),
     (lambda text: text.replace(",1000000,", ",1e6x,", 1),

@@ -10,7 +10,7 @@ Backends:
   print  prints one shell command per run, trunks first, for any other scheduler
 Rerunning skips finished runs (DIR/runs/ID/done.json) and resumes unfinished ones.
 
-Other verbs: `sweep analyze --workdir=DIR` (collect + fit + plots + summary.md);
+Other verbs: `sweep analyze --workdir=DIR [--loss=...] [--fixed_E=E]` (collect + fit + plots + summary.md);
 `sweep run-one --workdir=DIR --run=ID` (what each backend runs for one run); the slurm stage
 scripts' steps `sweep prepare`, `sweep add-wall --wall_s=S` (after each invocation of training)
 and `sweep finish`, each with `--workdir=DIR --run=ID`.
@@ -59,6 +59,10 @@ flags.DEFINE_integer("parallel", 1, "local backend: runs at a time.")
 flags.DEFINE_string("run", None, "run-one, prepare, add-wall, finish: the run id.")
 flags.DEFINE_float("wall_s", 0.0, "add-wall: seconds one invocation of training took (the slurm stage scripts "
                    "pass it after each); finish: seconds of training not recorded yet, added to them.")
+flags.DEFINE_enum("loss", "auto", ["auto", "val_mlm_loss", "val_clm_loss"], "analyze: the loss each schedule's "
+                  "scaling law is fitted on (auto: the validation loss of the objective it ends with).")
+flags.DEFINE_float("fixed_E", None, "analyze: also fit each law with its irreducible loss E fixed to this value "
+                   "(from a larger sweep or a known floor), beside the free fit; for small grids.")
 flags.DEFINE_string("sbatch_args", "", "slurm backend: extra sbatch options, e.g. '--nodes=2 --time=24:00:00'.")
 
 
@@ -100,7 +104,7 @@ def main(argv) -> int:
 def _verb(verb: str, workdir: str) -> int:
     try:
         if verb == "analyze":
-            analyze(workdir)
+            analyze(workdir, FLAGS.loss, FLAGS.fixed_E)
             return 0
         if verb == "collect":
             print(f"sweep: wrote {collect(workdir)}")
@@ -154,7 +158,7 @@ def _verb(verb: str, workdir: str) -> int:
         print("sweep: stopped by a signal: the runs in progress saved their checkpoints; rerun the same command "
               "to resume", flush=True)
         return 0
-    analyze(workdir)
+    analyze(workdir, FLAGS.loss, FLAGS.fixed_E)
     return 1 if failed else 0
 
 

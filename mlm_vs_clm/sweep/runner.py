@@ -264,7 +264,7 @@ def load_plan(workdir: str) -> dict:
         with open(path) as f:
             return json.load(f)
     except FileNotFoundError:
-        raise ConfigError(f"sweep: no {PLAN_FILE} in {workdir} (run the sweep with --config first)") from None
+        raise ConfigError(f"no {PLAN_FILE} in {workdir} (run the sweep with --config first)") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"sweep: {path} is corrupt ({e}); run the sweep with --config again") from e
 
@@ -348,8 +348,8 @@ def collect(workdir: str) -> str:
     return write_tables(workdir, load_plan(workdir))
 
 
-def analyze(workdir: str) -> None:
+def analyze(workdir: str, loss: str = "auto", fixed_E: float | None = None) -> None:
     from mlm_vs_clm.sweep import analysis as sweep_analysis
 
     print(f"sweep: wrote {collect(workdir)}")
-    sweep_analysis.main(workdir)
+    sweep_analysis.main(workdir, loss, fixed_E)
