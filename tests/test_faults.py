@@ -193,6 +193,17 @@ def test_sweep_children_end_with_the_sweep_and_save(sig, tmp_path):
         assert "sweep: stopped by a signal" in out
 
 
+def _two_recorded_times(rdir: str, workdir: str) -> list[float]:
+    """The run's recorded invocation times; results.csv's wall_s must be their sum."""
+    with open(os.path.join(rdir, "wall_s.json")) as f:
+        times = json.load(f)
+    with open(os.path.join(workdir, "results.csv")) as f:
+        header, row = f.read().splitlines()[:2]
+    wall = float(row.split(",")[header.split(",").index("wall_s")])
+    assert len(times) == 2 and wall == pytest.approx(sum(times), rel=1e-5)
+    return times
+
+
 def test_wall_s_adds_up_every_invocation(tmp_path):
     workdir, steps = str(tmp_path / "sweep"), 400
     rdir, _ = _sweep_child(workdir, steps)
@@ -203,12 +214,7 @@ def test_wall_s_adds_up_every_invocation(tmp_path):
     assert sweep.returncode == 0 and "stopped" in out, err[-3000:]
     proc = _run("mlm_vs_clm.sweep", _sweep_args(workdir, steps))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    with open(os.path.join(rdir, "wall_s.json")) as f:
-        times = json.load(f)
-    with open(os.path.join(workdir, "results.csv")) as f:
-        header, row = f.read().splitlines()[:2]
-    wall = float(row.split(",")[header.split(",").index("wall_s")])
-    assert len(times) == 2 and wall == pytest.approx(sum(times), rel=1e-5)
+    _two_recorded_times(rdir, workdir)
 
 
 def test_slurm_wall_s_adds_up_a_preempted_and_a_requeued_invocation(tmp_path):
@@ -254,12 +260,7 @@ def test_slurm_wall_s_adds_up_a_preempted_and_a_requeued_invocation(tmp_path):
     collect = subprocess.run([sys.executable, "-m", "mlm_vs_clm.sweep", "collect", f"--workdir={workdir}"], cwd=REPO,
                              env=env, capture_output=True, text=True, timeout=300)
     assert collect.returncode == 0, collect.stderr[-3000:]
-    with open(os.path.join(rdir, "wall_s.json")) as f:
-        times = json.load(f)
-    with open(os.path.join(workdir, "results.csv")) as f:
-        header, row = f.read().splitlines()[:2]
-    wall = float(row.split(",")[header.split(",").index("wall_s")])
-    assert len(times) == 2 and wall == pytest.approx(sum(times), rel=1e-5)
+    times = _two_recorded_times(rdir, workdir)
     for recorded, measured in zip(times, elapsed):  # whole seconds, within the task's own time
         assert 1 <= recorded <= measured + 1, (times, elapsed)
 
