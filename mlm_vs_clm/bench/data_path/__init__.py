@@ -205,11 +205,12 @@ def _prepare_subprocess(source: str, tok: str, out: str, workers: int, shard_mb:
         m = json.load(f)
     tokens = m["train"]["tokens"] + m["validation"]["tokens"]
     # Steady state, without process start-up: tokens of the shards finished after the first
-    # `workers` ones, over the time between those finishing times.
+    # `workers` ones, over the time between those finishing times. A shard finishing inside that
+    # window may have started before it, so the rate is only given with >= 4 shards per worker.
     done = sorted((os.path.getmtime(os.path.join(out, prepare.shard_names(i)[2])), info["tokens"] + v["tokens"])
                   for i, (info, v) in enumerate(zip(m["train"]["shards"], m["validation"]["shards"])))
     steady = (sum(t for _, t in done[workers:]) / (done[-1][0] - done[workers - 1][0])
-              if len(done) > workers and done[-1][0] > done[workers - 1][0] else float("nan"))
+              if len(done) >= 4 * workers and done[-1][0] > done[workers - 1][0] else float("nan"))
     return {"workers": workers, "seconds": seconds, "tokens": tokens, "tokens_per_second": tokens / seconds,
             "steady_tokens_per_second": steady, "shards": len(done),
             "peak_rss_mb": total_mb, "peak_rss_mb_largest_process": largest_mb}
