@@ -35,13 +35,13 @@ from mlm_vs_clm.data import prepare, prepared, rows, stream
 from mlm_vs_clm.data.tokenizer import load_tokenizer, train_tokenizer
 
 
-def write_synthetic_corpus(out: str, rows: int, seq_len: int, shards: int = 8, vocab: int = 32000, seed: int = 0):
+def write_synthetic_corpus(out: str, n_rows: int, seq_len: int, shards: int = 8, vocab: int = 32000, seed: int = 0):
     """A prepared corpus of random rows (2-4 segments each), readable by `prepared.Corpus`."""
     os.makedirs(out, exist_ok=True)
     rng = np.random.default_rng(seed)
     infos = []
     for s in range(shards):
-        n = rows // shards + (s < rows % shards)
+        n = n_rows // shards + (s < n_rows % shards)
 
         def gen(n=n):
             for _ in range(n):
@@ -54,7 +54,7 @@ def write_synthetic_corpus(out: str, rows: int, seq_len: int, shards: int = 8, v
         infos.append(prepare._write(os.path.join(out, f"train-{s:05d}.array_record"), gen(), "uint16"))
     manifest = {"format_version": rows.FORMAT_VERSION, "seq_len": seq_len, "token_dtype": "uint16",
                 "tokenizer": {"fingerprint": "synthetic"},
-                "train": {"rows": rows, "shards": infos}, "validation": {"rows": 0, "shards": []}}
+                "train": {"rows": n_rows, "shards": infos}, "validation": {"rows": 0, "shards": []}}
     with open(os.path.join(out, rows.MANIFEST), "w") as f:
         json.dump(manifest, f)
     return out
