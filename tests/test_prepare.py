@@ -245,6 +245,51 @@ def test_training_on_prepared_rows_resumes_exactly(ref, tmp_path):
         assert json.load(f)["data"]["source"] == f"prepared:{ref}"
 
 
+def test_kill9_mid_training_on_prepared_rows_then_rerun_is_identical(ref, tmp_path):
+    """`kill -9` of a CLI run on `prepared:` rows after its first checkpoint, then the same
+    command again: every logged loss equals the uninterrupted run's (the data state is the step)."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "PYTHONPATH": REPO,
+           "JAX_COMPILATION_CACHE_DIR": os.path.join(REPO, ".cache", "jax")}
+
+    def flags(workdir):
+        return ["--config=configs/pretrain.py:tiny,clm50_mlm40", f"--workdir={workdir}",
+                f"--config.data.source=prepared:{ref}", "--config.model.vocab_size=384",
+                "--config.train.batch_size=8", f"--config.train.seq_len={SEQ}", "--config.train.steps=12",
+                "--config.train.log_every=1", "--config.train.eval_every=6", "--config.train.checkpoint_every=4",
+                "--config.train.eval_batches=1", "--config.train.progress=False"]
+
+    def start(workdir):
+        return subprocess.Popen([sys.executable, "-m", "mlm_vs_clm.train", *flags(workdir)], cwd=REPO, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def records(workdir):
+        path = os.path.join(workdir, "metrics.jsonl")
+        if not os.path.exists(path):
+            return []
+        with open(path) as f:
+            return [json.loads(x) for x in f if x.strip().endswith("}")]
+
+    full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
+    out, err = start(full).communicate(timeout=300)
+    assert "done: step 12" in out, err[-2000:]
+    proc = start(killed)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.isdir(os.path.join(killed, "checkpoints", "4")) and any(r.get("step", 0) >= 6
+                                                                           for r in records(killed)):
+            break
+        time.sleep(0.05)
+    proc.kill()
+    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    rerun = start(killed)
+    out, err = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0 and "resumed from step" in out, err[-2000:]
+    want, got = records(full), records(killed)
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    for a, b in zip(want, got):
+        assert all(a.get(k) == b.get(k) for k in ("loss", "val_mlm_loss", "val_clm_loss", "objective")), (a, b)
+
+
 def _one_line(excinfo):
     msg = str(excinfo.value)
     assert "\n" not in msg
