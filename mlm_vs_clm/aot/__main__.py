@@ -151,7 +151,8 @@ def main(argv):
             except (RuntimeError, ValueError) as e:
                 print(str(e).splitlines()[0], file=sys.stderr)
                 raise SystemExit(2) from None
-            shown = ", ".join(f"{rows}: {t.total_bytes / GIB:.3f}" for rows, t in sorted(tried.items()))
+            shown = ", ".join(f"{rows}: " + ("refused" if t.refused else f"{t.total_bytes / GIB:.3f}")
+                              for rows, t in sorted(tried.items()))
             r.max_rows_per_device = best
             print(f"{r.objective}: largest micro-batch that fits: "
                   + (f"{best} rows per device" if best else "not found in the compiles allowed")
