@@ -76,21 +76,25 @@ def test_cli_reports_the_verdict_and_exits_non_zero_when_it_does_not_fit(tmp_pat
 
 
 def test_largest_micro_batch_is_the_last_that_fits_next_to_one_that_does_not():
-    """The search compiles until a fitting row count sits next to one that does not fit; the
-    budget is set between the compiled totals of 3 and 4 rows, so the answer is 3."""
+    """The search compiles until a fitting micro-batch sits next to one that does not fit, with
+    the config's gradient accumulation (2 here); the budget is set between the compiled totals of
+    micro-batches of 3 and 4 rows, so the answer is 3."""
     import jax
 
-    config = load_config("configs/pretrain.py:tiny", {"train.batch_size": 1, "train.seq_len": 64})
+    def config(rows):
+        return load_config("configs/pretrain.py:tiny", {"train.batch_size": 2 * rows, "train.seq_len": 64,
+                                                        "train.grad_accum_steps": 2})
+
     devices = jax.devices()[:1]
     at = {}
     for rows in (3, 4):
-        c = load_config("configs/pretrain.py:tiny", {"train.batch_size": rows, "train.seq_len": 64})
-        (at[rows],) = aot.check(c, "mlm40", devices)
+        (at[rows],) = aot.check(config(rows), "mlm40", devices)
     budget = (at[3].total_bytes + at[4].total_bytes) / 2 / aot.GIB
-    best, tried = aot.largest_micro_batch(config, "mlm40", devices, budget, max_compiles=8)
+    best, tried = aot.largest_micro_batch(config(1), "mlm40", devices, budget, max_compiles=8)
     assert best == 3, {r: t.total_bytes for r, t in tried.items()}
     assert tried[3].fits(budget) and not tried[4].fits(budget)
-    assert tried[3].total_bytes == at[3].total_bytes and all(t.rows_per_device == r for r, t in tried.items())
+    assert tried[3].total_bytes == at[3].total_bytes
+    assert all(t.rows_per_device == 2 * r for r, t in tried.items())  # rows per optimizer step: 2 micro-batches
 
 
 def test_mesh_layouts():

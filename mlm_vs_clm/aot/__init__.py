@@ -255,12 +255,13 @@ def roofline(config, objective, devices) -> tuple[float, float, float, float, fl
 
 
 def largest_micro_batch(config, objective_name: str, devices, memory_gib: float, max_compiles: int = 6):
-    """The largest micro-batch (rows per device in one forward and backward pass, gradient
-    accumulation off) whose step fits in `memory_gib` per device, for one objective, found by
-    compiling: at the config's rows r0 and at 2 r0, a line through the two totals (temporaries
-    grow linearly with the rows) predicts the largest r, then r and r + 1 are compiled and the
-    search steps by one until a fitting r sits next to a failing r + 1, or the compiles run out.
-    Returns (largest fitting rows or None, {rows: MemoryReport} of every compile)."""
+    """The largest micro-batch (rows per device in one forward and backward pass, with the
+    config's number of gradient-accumulation steps) whose step fits in `memory_gib` per device,
+    for one objective, found by compiling: at the config's micro-batch r0 and at 2 r0, a line
+    through the two totals (temporaries grow linearly with the rows) predicts the largest r,
+    then r and r + 1 are compiled and the search steps by one until a fitting r sits next to a
+    failing r + 1, or the compiles run out. A program the compiler refuses does not fit.
+    Returns (largest fitting micro-batch or None, {micro-batch: MemoryReport} of every compile)."""
     dp = sharding.data_parallel_size(sharding.make_mesh(config.mesh, devices))
     accum = int(config.train.get("grad_accum_steps", 1))
     reports: dict[int, MemoryReport] = {}
@@ -268,7 +269,7 @@ def largest_micro_batch(config, objective_name: str, devices, memory_gib: float,
     def at(rows: int) -> MemoryReport:
         if rows not in reports:
             c = config.copy_and_resolve_references()
-            c.train.grad_accum_steps, c.train.batch_size = 1, rows * dp
+            c.train.batch_size = rows * dp * accum
             (reports[rows],) = check(c, objective_name, devices)
         return reports[rows]
 
@@ -286,10 +287,10 @@ def largest_micro_batch(config, objective_name: str, devices, memory_gib: float,
             return (1 if fits(1) else None), reports
         lo, hi = lo // 2, lo
     a, b = at(lo), at(hi)
-    slope = (b.total_bytes - a.total_bytes) / max(b.rows_per_device - a.rows_per_device, 1)
+    slope = (b.total_bytes - a.total_bytes) / (hi - lo)
     if slope <= 0:
         raise RuntimeError(f"aot: the step's memory did not grow from {lo} to {hi} rows per device")
-    guess = max(1, a.rows_per_device + int((memory_gib * GIB - a.total_bytes) // slope))
+    guess = max(1, lo + int((memory_gib * GIB - a.total_bytes) // slope))
     while len(reports) < max_compiles:
         if not fits(guess):
             guess -= 1

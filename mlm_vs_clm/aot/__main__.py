@@ -46,8 +46,8 @@ def _define_flags():
     flags.DEFINE_integer("num_slices", 1, "With --topology: that many slices joined over DCN (multislice).")
     flags.DEFINE_bool("roofline", False, "Also estimate the step time from XLA's cost model (two more compiles, "
                       "of 1 and 2 unrolled layers, per objective; TPU chips of aot.CHIPS).")
-    flags.DEFINE_bool("max_rows", False, "Also search the largest micro-batch (rows per device, no gradient "
-                      "accumulation) that fits the chip's memory: 4-6 more compiles per objective.")
+    flags.DEFINE_bool("max_rows", False, "Also search the largest micro-batch (rows per device in one pass, with "
+                      "the config's gradient accumulation) that fits the chip's memory: 4-6 more compiles.")
     flags.mark_flags_as_required(["config"])
     return flags.FLAGS
 
@@ -154,9 +154,10 @@ def main(argv):
             shown = ", ".join(f"{rows}: " + ("refused" if t.refused else f"{t.total_bytes / GIB:.3f}")
                               for rows, t in sorted(tried.items()))
             r.max_rows_per_device = best
+            accum = int(config.train.get("grad_accum_steps", 1))
             print(f"{r.objective}: largest micro-batch that fits: "
                   + (f"{best} rows per device" if best else "not found in the compiles allowed")
-                  + f" (compiled rows: GiB per device {shown}; no gradient accumulation)")
+                  + f" (compiled micro-batches: GiB per device {shown}; {accum} accumulation steps)")
     if f.json:
         with open(f.json, "w") as out:
             rows = [dict(dataclasses.asdict(r), total_bytes=r.total_bytes) for r in reports]
