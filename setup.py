@@ -41,8 +41,8 @@ setup(
         "dev": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.5", "portpicker>=1.6"],
         # The libtpu that `jax[tpu]` pins for jax 0.10.2 (~680 MB): TPU's compiler, no TPU needed.
         "tpu": ["libtpu==0.0.42.*"],
-        # `data.prepare --runner=beam`. Its pins hold pyarrow and protobuf below the main stack's:
-        # install it in an environment of its own (docs/data.md, "Many machines").
-        "beam": ["apache-beam>=2.60,<3"],
+        # `data.prepare --runner=beam`; 2.78.0 is the release tested. It requires pyarrow<26 and
+        # protobuf<7, below the main .venv's: install it in an environment of its own (docs/data.md).
+        "beam": ["apache-beam>=2.78,<3"],
     },
 )
