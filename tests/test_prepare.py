@@ -377,6 +377,10 @@ def test_beam_runner_equals_the_local_runner_and_reruns_only_a_lost_shard(corpus
         now = os.stat(os.path.join(out, f))
         assert (now.st_ino, now.st_mtime_ns) == (st.st_ino, st.st_mtime_ns), f
     _same_output(local, out)
+    os.remove(os.path.join(out, prepare.shard_names(5)[0]))  # the local runner finishes a Beam prepare
+    prepare.prepare(corpus, tok_dir, SEQ, out, workers=1, **small)
+    assert "1 shards written now" in capsys.readouterr().out
+    _same_output(local, out)
 
 
 @pytest.mark.skipif(HAS_BEAM, reason="apache_beam is installed: this checks the message given without it")
