@@ -1,6 +1,8 @@
 """Install mlm_vs_clm: `pip install -e .` (add `[hf]` for Hugging Face conversion, `[st]` to load
 exports in sentence-transformers, `[dev]` for tests, `[tpu]` to compile for TPU topologies on any
-machine: `python -m mlm_vs_clm.aot --platform=tpu --topology=...`)."""
+machine: `python -m mlm_vs_clm.aot --platform=tpu --topology=...`, `[beam]` to prepare corpora on
+Apache Beam: `python -m mlm_vs_clm.data.prepare --runner=beam`, in an environment of its own, see
+docs/data.md)."""
 
 from setuptools import find_packages, setup
 
@@ -39,5 +41,8 @@ setup(
         "dev": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.5", "portpicker>=1.6"],
         # The libtpu that `jax[tpu]` pins for jax 0.10.2 (~680 MB): TPU's compiler, no TPU needed.
         "tpu": ["libtpu==0.0.42.*"],
+        # `data.prepare --runner=beam`; 2.78.0 is the release tested. It requires pyarrow<26 and
+        # protobuf<7, below the main .venv's: install it in an environment of its own (docs/data.md).
+        "beam": ["apache-beam>=2.78,<3"],
     },
 )

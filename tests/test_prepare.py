@@ -1,6 +1,7 @@
 """data.prepare and prepared: sources: equal rows to the pipeline, resume, training, process counts, errors."""
 
 import filecmp
+import importlib.util
 import json
 import os
 import signal
@@ -339,3 +340,54 @@ def test_errors_are_one_line_naming_the_file(ref, tok_dir, corpus, tmp_path, cap
     proc = run_command("data.prepare", [f"--source={corpus}", f"--tokenizer={tok_dir}", "--seq_len=64", f"--out={ref}"])
     err = proc.stderr.strip()
     assert proc.returncode == 2 and err.count("\n") == 0 and "seq_len" in err and ref in err, err
+
+
+# -- --runner=beam: the same per-shard function on Apache Beam (the [beam] extra) ----------------
+
+HAS_BEAM = importlib.util.find_spec("apache_beam") is not None
+
+
+def _direct_runner(tmp_path):
+    """Beam's DirectRunner runs a pipeline on Prism, downloading Prism's binary where it has none;
+    a missing local --prism_location makes it fall back to its in-process runner at once, so
+    the test touches no network."""
+    return f"--runner=DirectRunner --prism_location={tmp_path / 'no-prism'}"
+
+
+@pytest.mark.skipif(not HAS_BEAM, reason="apache_beam is not installed (the [beam] extra, in an environment of "
+                    "its own: docs/data.md)")
+def test_beam_runner_equals_the_local_runner_and_reruns_only_a_lost_shard(corpus, tok_dir, tmp_path, capsys):
+    small = {k: v for k, v in SMALL.items() if k != "jsonl_piece_bytes"}  # settings the command takes
+    local, out = str(tmp_path / "local"), str(tmp_path / "beam")
+    prepare.prepare(corpus, tok_dir, SEQ, local, workers=1, **small)
+    prepare.prepare(corpus, tok_dir, SEQ, out, runner="beam", beam_options=_direct_runner(tmp_path), **small)
+    assert "Beam DirectRunner" in capsys.readouterr().out
+    with open(os.path.join(out, prepare.PLAN)) as f:
+        assert len(json.load(f)["shards"]) > 5
+    _same_output(local, out)  # manifest, plan and every shard file byte for byte
+    for name in prepare.shard_names(3):
+        os.remove(os.path.join(out, name))
+    kept = {f: os.stat(os.path.join(out, f)) for f in _files(out) if f != rows.MANIFEST}
+    proc = run_command("data.prepare", [f"--source={corpus}", f"--tokenizer={tok_dir}", f"--seq_len={SEQ}",
+                                         f"--out={out}", "--runner=beam", f"--beam_options={_direct_runner(tmp_path)}",
+                                         *(f"--{k}={v}" for k, v in small.items() if k != "progress")],
+                      timeout=600)
+    assert proc.returncode == 0 and "1 shards written now" in proc.stdout, proc.stderr[-3000:]
+    for f, st in kept.items():  # the other shards were not rewritten
+        now = os.stat(os.path.join(out, f))
+        assert (now.st_ino, now.st_mtime_ns) == (st.st_ino, st.st_mtime_ns), f
+    _same_output(local, out)
+    os.remove(os.path.join(out, prepare.shard_names(5)[0]))  # the local runner finishes a Beam prepare
+    prepare.prepare(corpus, tok_dir, SEQ, out, workers=1, **small)
+    assert "1 shards written now" in capsys.readouterr().out
+    _same_output(local, out)
+
+
+@pytest.mark.skipif(HAS_BEAM, reason="apache_beam is installed: this checks the message given without it")
+def test_runner_beam_without_apache_beam_says_how_to_install_it(corpus, tok_dir, tmp_path):
+    out = str(tmp_path / "nobeam")
+    proc = run_command("data.prepare", [f"--source={corpus}", f"--tokenizer={tok_dir}", f"--seq_len={SEQ}",
+                                         f"--out={out}", "--runner=beam"])
+    err = proc.stderr.strip()
+    assert proc.returncode == 2 and err.count("\n") == 0 and "pip install -e '.[beam]'" in err, err
+    assert not os.path.exists(out)  # refused before writing anything

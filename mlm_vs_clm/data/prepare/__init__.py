@@ -2,7 +2,7 @@
 
     python -m mlm_vs_clm.data.prepare --source=SPEC --tokenizer=DIR --seq_len=N --out=DIR \
         [--workers=N] [--seed=0] [--text_field=text] [--text_mode=file|blocks] [--shard_mb=128] \
-        [--heldout_every=64] [--heldout_docs=32]
+        [--heldout_every=64] [--heldout_docs=32] [--runner=local|beam] [--beam_options='...']
 
 Then train with `--config.data.source=prepared:DIR` (`rows.py`).
 
@@ -21,9 +21,11 @@ How (see docs/data.md):
    and writes `train-NNNNN.array_record`, `validation-NNNNN.array_record` and, last,
    `shard-NNNNN.json` (its counts), each to a temporary name renamed when complete.
    A shard is done when its json names files of the recorded sizes.
-4. Local runs map the tasks over `--workers` processes; rerunning the same command after a
-   crash does only the shards not done, and gives the identical result (nothing in the
-   output depends on timing or the worker count). `manifest.json` is written last.
+4. Local runs map the tasks over `--workers` processes; `--runner=beam` maps them on Apache
+   Beam (`beam_runner.py`: DirectRunner here, Dataflow, Flink or Spark by `--beam_options`).
+   Rerunning the same command after a crash does only the shards not done, and gives the
+   identical result (nothing in the output depends on timing, the worker count or the
+   runner). `manifest.json` is written last, by this process, whichever runner ran the shards.
 """
 
 from __future__ import annotations
@@ -36,17 +38,20 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 from tqdm import tqdm
 
 from mlm_vs_clm.data import rows, sources, stream
+from mlm_vs_clm.data.prepare import beam_runner
 from mlm_vs_clm.data.sources import SourceError, SourceStats
 from mlm_vs_clm.data.tokenizer import load_tokenizer
 
 PLAN = "plan.json"
 TMP = ".tmp-"
+RUNNERS = ("local", "beam")
 
 
 class PrepareError(SourceError):
@@ -192,6 +197,29 @@ def _run_shard(args):
     return prepare_shard(index, pieces, settings)
 
 
+def _map_local(tasks: list[tuple], workers: int, progress: bool | None) -> int:
+    """Runs the tasks (index, pieces, settings) over `workers` processes with a progress bar;
+    returns the number of processes used."""
+    start, done_tokens, done_docs = time.perf_counter(), 0, 0
+    bar = tqdm(total=sum(p["bytes"] for _i, pieces, _s in tasks for p in pieces), unit="B", unit_scale=True,
+               desc="prepare", disable=None if progress is None else not progress, file=sys.stderr)
+    workers = max(1, min(int(workers), len(tasks) or 1))
+    pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
+    try:
+        results = pool.imap_unordered(_run_shard, tasks) if pool else map(_run_shard, tasks)
+        for info in results:
+            done_tokens += info["train"]["tokens"] + info["validation"]["tokens"]
+            done_docs += info["documents"] + info["heldout_documents"]
+            rate = done_tokens / max(time.perf_counter() - start, 1e-9)
+            bar.set_postfix(docs=f"{done_docs:,}", tok_s=f"{rate:,.0f}", refresh=False)
+            bar.update(info["source_bytes"])
+    finally:
+        if pool:
+            pool.terminate()
+        bar.close()
+    return workers
+
+
 def shard_done(out: str, index: int) -> dict | None:
     """The shard's counts if it is complete: its json names files of the recorded sizes."""
     try:
@@ -214,14 +242,21 @@ def source_fingerprint(spec: str) -> str:
 def prepare(source: str, tokenizer: str, seq_len: int, out: str, workers: int = 1, seed: int = 0,
             text_field: str = "text", text_mode: str = "file", shard_mb: float = 128, heldout_every: int = 64,
             heldout_docs: int = 32, progress: bool | None = None,
-            jsonl_piece_bytes: int = stream.JSONL_PIECE_BYTES) -> dict:
-    """Prepares (or finishes preparing) `source` into `out`; returns the manifest."""
+            jsonl_piece_bytes: int = stream.JSONL_PIECE_BYTES, runner: str = "local",
+            beam_options: str | Sequence[str] = ()) -> dict:
+    """Prepares (or finishes preparing) `source` into `out`; returns the manifest. `runner`:
+    'local' (`workers` processes) or 'beam' (Apache Beam with `beam_options`, beam_runner.py)."""
     if not shard_mb > 0:
         raise PrepareError(f"--shard_mb={shard_mb}: must be positive")
     if seq_len < 2:
         raise PrepareError(f"--seq_len={seq_len}: must be at least 2")
     if text_mode not in sources.TEXT_MODES:
         raise PrepareError(f"--text_mode={text_mode!r}: not one of {sources.TEXT_MODES}")
+    if runner not in RUNNERS:
+        raise PrepareError(f"--runner={runner!r}: not one of {RUNNERS}")
+    beam = beam_runner.load() if runner == "beam" else None
+    if runner == "beam" and beam is None:
+        raise PrepareError(beam_runner.MISSING)  # before anything is written
     tok = load_tokenizer(tokenizer)
     out = os.path.abspath(out)
     os.makedirs(out, exist_ok=True)
@@ -263,31 +298,23 @@ def prepare(source: str, tokenizer: str, seq_len: int, out: str, workers: int = 
 
     pending = [i for i in range(len(shards)) if shard_done(out, i) is None]
     start = time.perf_counter()
-    done_tokens = done_docs = 0
-    bar = tqdm(total=sum(p["bytes"] for i in pending for p in shards[i]), unit="B", unit_scale=True,
-               desc="prepare", disable=None if progress is None else not progress,
-               file=sys.stderr)
-    tasks = [(i, shards[i], settings) for i in pending]
-    workers = max(1, min(int(workers), len(tasks) or 1))
-    pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
-    try:
-        results = pool.imap_unordered(_run_shard, tasks) if pool else map(_run_shard, tasks)
-        for info in results:
-            done_tokens += info["train"]["tokens"] + info["validation"]["tokens"]
-            done_docs += info["documents"] + info["heldout_documents"]
-            rate = done_tokens / max(time.perf_counter() - start, 1e-9)
-            bar.set_postfix(docs=f"{done_docs:,}", tok_s=f"{rate:,.0f}", refresh=False)
-            bar.update(info["source_bytes"])
-    finally:
-        if pool:
-            pool.terminate()
-        bar.close()
+    if beam is not None:
+        try:
+            how = "Beam " + beam_runner.map_shards(beam, prepare_shard, [(i, shards[i]) for i in pending],
+                                                   settings, beam_options)
+        except Exception as e:  # noqa: BLE001 - a runner's failure, whatever its type: one line
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            raise PrepareError(f"prepare {out!r}: the Beam pipeline failed ({type(e).__name__}: {first}); "
+                               "the shards it completed are kept: run it again") from e
+    else:
+        how = f"{_map_local([(i, shards[i], settings) for i in pending], workers, progress)} workers"
     elapsed = time.perf_counter() - start
 
     infos = [shard_done(out, i) for i in range(len(shards))]
     missing = [shard_names(i)[2] for i, info in enumerate(infos) if info is None]
     if missing:
         raise PrepareError(f"prepare {out!r}: shards {', '.join(missing[:5])} did not complete; run it again")
+    done_tokens = sum(infos[i][part]["tokens"] for i in pending for part in ("train", "validation"))
     manifest = {
         "format_version": rows.FORMAT_VERSION, "seq_len": int(seq_len), "token_dtype": settings["token_dtype"],
         "seed": int(seed), "settings": key,
@@ -305,6 +332,6 @@ def prepare(source: str, tokenizer: str, seq_len: int, out: str, workers: int = 
     t, v = manifest["train"], manifest["validation"]
     print(f"prepared {out}: {t['rows']:,} rows of {seq_len} ({t['tokens']:,} tokens, {t['documents']:,} documents) "
           f"in {len(shards)} shards, {v['rows']:,} held-out rows; {len(pending)} shards written now "
-          f"({done_tokens / max(elapsed, 1e-9):,.0f} tokens/s, {workers} workers), "
+          f"({done_tokens / max(elapsed, 1e-9):,.0f} tokens/s, {how}), "
           f"{len(shards) - len(pending)} already done", flush=True)
     return manifest

@@ -24,6 +24,11 @@ flags.DEFINE_string("text_mode", "file", "Plain text: 'file' (one document per f
 flags.DEFINE_float("shard_mb", 128.0, "Source text per shard (the memory of one worker).")
 flags.DEFINE_integer("heldout_every", 64, "Hold out every Nth document of a shard (0: none).")
 flags.DEFINE_integer("heldout_docs", 32, "At most this many held-out documents per shard.")
+flags.DEFINE_enum("runner", "local", ["local", "beam"],
+                  "Who runs the shards: 'local' (--workers processes) or 'beam' (Apache Beam, the [beam] extra).")
+flags.DEFINE_string("beam_options", "", "With --runner=beam: Beam pipeline options, passed through "
+                    "(e.g. '--runner=DataflowRunner --project=P --region=R --temp_location=gs://B/tmp'); "
+                    "default: DirectRunner, on this machine.")
 flags.mark_flags_as_required(["source", "tokenizer", "seq_len", "out"])
 
 
@@ -32,7 +37,7 @@ def main(argv) -> int:
     f = FLAGS
     try:
         prepare(f.source, f.tokenizer, f.seq_len, f.out, f.workers, f.seed, f.text_field, f.text_mode,
-                f.shard_mb, f.heldout_every, f.heldout_docs)
+                f.shard_mb, f.heldout_every, f.heldout_docs, runner=f.runner, beam_options=f.beam_options)
     except (SourceError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
