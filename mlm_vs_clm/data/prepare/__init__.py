@@ -4,7 +4,7 @@
         [--workers=N] [--seed=0] [--text_field=text] [--text_mode=file|blocks] [--shard_mb=128] \
         [--heldout_every=64] [--heldout_docs=32] [--runner=local|beam] [--beam_options='...']
 
-Then train with `--config.data.source=prepared:DIR` (`rows.py`).
+Then train with `--config.data.source=prepared:DIR` (`data/prepared.py`).
 
 How (see docs/data.md):
 1. The source is listed in pieces (`stream.py`: a Parquet row group, a 32 MB byte range of
