@@ -79,6 +79,17 @@ def _dotted_keys(config, prefix: str = "") -> set[str]:
     return out
 
 
+def quiet_library_info(argv=None) -> None:
+    """absl verbosity WARNING unless the command line sets one (--verbosity / -v): the INFO
+    lines libraries log (libtpu's missing backend, orbax's checkpoint reads) say nothing a user
+    can act on. The commands call this first in main()."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not any(a.startswith(("--verbosity", "-v")) for a in argv):
+        from absl import logging
+
+        logging.set_verbosity(logging.WARNING)
+
+
 def flags_parser(prefix: str = "error: ", name: str = "config"):
     """An absl `flags_parser` for commands with a config flag: a bad flag, config file or override
     prints one line (`error: unknown config key train.stepz (did you mean train.steps?)`) and

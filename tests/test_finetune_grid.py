@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -185,6 +186,9 @@ def test_cli_news_quick_on_a_saved_checkpoint(tok, tmp_path):
     assert not (tmp_path / "out" / "models" / "cloze_qa").exists()
     exported = run_command("convert", ["export-hf", f"--checkpoint={kept}", f"--out={tmp_path / 'hf'}"])
     assert exported.returncode == 0, exported.stderr[-2000:]
+    # Library INFO lines (orbax's reads, libtpu's missing backend) are off at default verbosity.
+    assert not re.search(r"^[IW]\d{4} ", exported.stderr, re.M), exported.stderr[-2000:]
+    assert "Metadata file does not exist" not in exported.stderr + exported.stdout
     hf_config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert len(hf_config["id2label"]) == 5  # the five news topics
     before = (tmp_path / "out" / "results.json").read_bytes()

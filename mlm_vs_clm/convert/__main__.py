@@ -14,7 +14,7 @@ import sys
 from absl import app, flags
 
 from mlm_vs_clm.checkpoint import CheckpointError
-from mlm_vs_clm.config import flags_parser
+from mlm_vs_clm.config import flags_parser, quiet_library_info
 from mlm_vs_clm.convert.hf_export import export_checkpoint
 from mlm_vs_clm.convert.hf_import import describe_import, import_hf, init_from_flags
 
@@ -74,6 +74,7 @@ def _run(command: str) -> None:
 
 def main(argv) -> int:
     """`argv` as absl leaves it: [program, COMMAND]."""
+    quiet_library_info()
     commands = argv[1:]
     if len(commands) != 1 or commands[0] not in COMMANDS:
         print(f"error: give one command, {' or '.join(COMMANDS)} (got {' '.join(commands) or 'none'})", file=sys.stderr)

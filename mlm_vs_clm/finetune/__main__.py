@@ -18,7 +18,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from mlm_vs_clm import runlock
-from mlm_vs_clm.config import flags_parser
+from mlm_vs_clm.config import flags_parser, quiet_library_info
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Fine-tuning config: configs/finetune.py:SUITE[,quick].")
@@ -77,8 +77,7 @@ def _check_results_file(workdir: str) -> None:
 
 def main(argv) -> int:
     del argv
-    if not any(a.startswith(("--verbosity", "-v")) for a in sys.argv[1:]):
-        logging.set_verbosity(logging.WARNING)  # library INFO chatter (libtpu, orbax) off unless asked for
+    quiet_library_info()
     from mlm_vs_clm.checkpoint import CheckpointError, read_config, resolve_step_dir
     from mlm_vs_clm.config import ConfigError
     from mlm_vs_clm.distributed import enable_compilation_cache

@@ -9,13 +9,13 @@ import errno
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from mlm_vs_clm import distributed
 from mlm_vs_clm import train as train_lib
 from mlm_vs_clm.checkpoint import CheckpointError, disk_full
-from mlm_vs_clm.config import ConfigError, flags_parser
+from mlm_vs_clm.config import ConfigError, flags_parser, quiet_library_info
 from mlm_vs_clm.data.errors import SourceError
 from mlm_vs_clm.data.tokenizer import TokenizerError
 from mlm_vs_clm.kernels import host_memory
@@ -45,8 +45,7 @@ def _os_error_line(e: OSError, workdir: str) -> str:
 def main(argv):
     del argv
     train_lib.install_sigterm_handler()  # first: start-up (data, tokenizer, restore) takes seconds
-    if not any(a.startswith(("--verbosity", "-v")) for a in sys.argv[1:]):
-        logging.set_verbosity(logging.WARNING)  # library INFO chatter off unless asked for
+    quiet_library_info()
     if FLAGS.config is None or not FLAGS.workdir:
         print("error: --config and --workdir are required", file=sys.stderr)
         sys.exit(2)
