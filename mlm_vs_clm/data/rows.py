@@ -53,11 +53,6 @@ def decode_rows(records: list[bytes], seq_len: int, dtype: str) -> dict:
     return {"tokens": tokens, "segment_ids": segment_ids, "positions": positions}
 
 
-def decode_row(record: bytes, seq_len: int, dtype: str) -> dict:
-    """One record -> {tokens, segment_ids, positions}: int32 [seq_len]."""
-    return {k: v[0] for k, v in decode_rows([record], seq_len, dtype).items()}
-
-
 def tokenizer_fingerprint(tokenizer) -> str:
     """sha256 (16 hex digits) of the files `tokenizer.save` writes: its model and special ids."""
     with tempfile.TemporaryDirectory() as d:

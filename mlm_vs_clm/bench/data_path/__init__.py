@@ -150,19 +150,26 @@ def demo_text(path: str, mb: float, seed: int = 0) -> str:
 
 def _loader_subprocess(corpus: str, batch: int, seconds: float) -> dict:
     """Peak RSS and rows/s of a fresh process that reads `corpus` as process 0 of 1."""
-    code = ("import json, resource, time\nfrom mlm_vs_clm.config import load_config\n"
+    code = ("import json, time\nfrom mlm_vs_clm.config import load_config\n"
             "from mlm_vs_clm.data import prepared\nif __name__ == '__main__':\n"
             f"    c = load_config('configs/pretrain.py:tiny', {{'data.source': 'prepared:{corpus}', "
             f"'train.batch_size': {batch}, 'train.seq_len': prepared.Corpus({corpus!r}).seq_len}})\n"
             "    it = prepared.train_iterator(c, 0, 1)\n    next(it)\n    n, t = 0, time.perf_counter()\n"
             f"    while time.perf_counter() - t < {seconds}:\n        n += next(it)['tokens'].shape[0]\n"
             "    print('BENCH', json.dumps({'rows_per_second': n / (time.perf_counter() - t)}))\n")
+    result, total, _ = _bench_subprocess(code)
+    return {**result, "peak_rss_mb": total}
+
+
+def _bench_subprocess(code: str) -> tuple[dict, float, float]:
+    """Runs `code` (which prints one line 'BENCH <json>') in a fresh Python with the RSS of its
+    process tree sampled: (the json, peak total MB, peak of one process MB)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
-    res, total, _ = run_sampled([sys.executable, "-c", code], env)
-    line = [x for x in res.stdout.splitlines() if x.startswith("BENCH")]
+    res, total, largest = run_sampled([sys.executable, "-c", code], env)
+    line = [x for x in res.stdout.splitlines() if x.startswith("BENCH ")]
     if not line:
         raise RuntimeError(res.stderr[-2000:])
-    return {**json.loads(line[0][len("BENCH "):]), "peak_rss_mb": total}
+    return json.loads(line[0][len("BENCH "):]), total, largest
 
 
 def memory(work: str, sizes_mb: list[float], vocab: int, seq_len: int, shard_mb: float, batch: int,
@@ -189,18 +196,13 @@ def memory(work: str, sizes_mb: list[float], vocab: int, seq_len: int, shard_mb:
 
 
 def _prepare_subprocess(source: str, tok: str, out: str, workers: int, shard_mb: float, seq_len: int) -> dict:
-    code = ("import sys, time\nfrom mlm_vs_clm.data import prepare\nif __name__ == '__main__':\n"
+    code = ("import json, time\nfrom mlm_vs_clm.data import prepare\nif __name__ == '__main__':\n"
             "    t = time.perf_counter()\n"
             f"    prepare.prepare({source!r}, {tok!r}, {seq_len}, {out!r}, workers={workers}, shard_mb={shard_mb}, "
             "progress=False)\n"
-            "    print('BENCH', time.perf_counter() - t)\n")
+            "    print('BENCH', json.dumps(time.perf_counter() - t))\n")
     shutil.rmtree(out, ignore_errors=True)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
-    res, total_mb, largest_mb = run_sampled([sys.executable, "-c", code], env)
-    line = [x for x in res.stdout.splitlines() if x.startswith("BENCH")]
-    if not line:
-        raise RuntimeError(res.stderr[-2000:])
-    seconds = float(line[0].split()[1])
+    seconds, total_mb, largest_mb = _bench_subprocess(code)
     with open(os.path.join(out, rows.MANIFEST)) as f:
         m = json.load(f)
     tokens = m["train"]["tokens"] + m["validation"]["tokens"]

@@ -150,8 +150,9 @@ def _pack_chunk(buf: list, seq_len: int, final: bool):
     packed = list(zip(tokens.reshape(n_rows, seq_len), segments.reshape(n_rows, seq_len)))
     rest = []
     if used < total:  # the document at the cut continues the next row, then the ones after it
-        d = int(np.searchsorted(np.cumsum(lengths), used, side="right"))
-        rest = [flat[used:int(lengths[:d + 1].sum())]] + buf[d + 1:]
+        ends = np.cumsum(lengths)
+        d = int(np.searchsorted(ends, used, side="right"))
+        rest = [flat[used:int(ends[d])]] + buf[d + 1:]
     return packed, rest
 
 
